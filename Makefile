@@ -1,0 +1,37 @@
+# The two README commands are `make demo` and `make test`; everything else is a step of theirs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast crds cluster-bins clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[operator,trainer,dev]'
+	touch $@
+
+# Real control-plane and object-store binaries, built once from the Go module proxy into a cache.
+cluster-bins:
+	bash hack/cluster-bins.sh
+
+# Regenerate deploy/crds from tinv.api (a test fails when the committed files are stale).
+crds: setup
+	$(PY) -m tinv.api.crdgen
+
+# The whole suite: unit, trainer, cluster and end-to-end layers.
+test: setup cluster-bins
+	$(PY) -m pytest
+
+# Only the fast layers (no control plane, no trainer runs).
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not cluster and not e2e"
+
+demo: setup
+	$(VENV)/bin/tinv validate examples/*.yaml
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info tinv-runs

@@ -1,0 +1,338 @@
+"""The storage contract: where each resource's outputs live, and a small client for them.
+
+Layout (DESIGN.md), below a resource's run root `<storage.uri>/<namespace>/<name>-<uid8>/`:
+
+    progress.json                              rewritten atomically while the workload runs
+    checkpoints/<uuid>/learned_embeds.safetensors   diffusers-loadable, one key per token
+                      <token>.pt                    AUTOMATIC1111 layout
+                      learned_embeddings_dict.pt    the Determined example's layout
+                      optimizer.pt                  resume state
+                      manifest.json                 written last: a checkpoint without it is incomplete
+    tensorboard/                               scalars and validation images
+    images/                                    GenerationGrid output, index.json, index.html
+
+progress.json (snake_case keys; the operator copies them into status.progress):
+    {"state": "running"|"succeeded"|"failed", "step", "total_steps", "loss", "samples_per_second",
+     "eta_seconds", "updated_at" (RFC 3339), "latest_checkpoint": {"uuid", "step", "uri"} | null}
+    and for grids {"images_done", "images_total", "images_per_second", ...}.
+manifest.json of a checkpoint:
+    {"uuid", "step", "loss", "created_at" (RFC 3339), "job": {"namespace", "name", "uid"},
+     "tokens": {token: n_vectors}, "files": {file name: sha256}, "hyperparameters": {...}}
+
+URIs are `s3://bucket/key`, `file:///abs/path`, `pvc://claim/path` (inside a pod the claim is
+mounted at `$TINV_PVC_ROOT/<claim>`, default /mnt/pvc) or a plain local path. `Store` reads and
+writes all of them; boto3 is imported only when an s3:// URI is used, so this module stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+PROGRESS_FILE = "progress.json"
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"
+EMBEDS_FILE = "learned_embeds.safetensors"
+DETERMINED_FILE = "learned_embeddings_dict.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+TENSORBOARD_DIR = "tensorboard"
+IMAGES_DIR = "images"
+INDEX_FILE = "index.json"
+GALLERY_FILE = "index.html"
+LOCAL_ROOT = "tinv-runs"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+class StorageError(RuntimeError):
+    """Storage could not be reached or refused an operation; the message names the URI."""
+
+
+class NotFound(StorageError):
+    """The object does not exist."""
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with single slashes, keeping the scheme."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def run_root(storage_uri: str | None, namespace: str | None, name: str, uid: str | None) -> str:
+    """The run root of one resource: `<storage.uri>/<namespace>/<name>-<uid8>`.
+
+    The uid suffix keeps a deleted-and-recreated resource of the same name from mixing its
+    outputs with the old one's. Local runs have no uid and use `local`.
+    """
+    base = storage_uri or LOCAL_ROOT
+    return join(base, namespace or "default", f"{name}-{(uid or 'local')[:8]}")
+
+
+def checkpoint_uri(root: str, uuid: str) -> str:
+    return join(root, CHECKPOINTS_DIR, uuid)
+
+
+def pvc_path(uri: str) -> Path:
+    """Local path of a pvc://claim/path URI inside a pod (claims are mounted under TINV_PVC_ROOT)."""
+    parsed = urlparse(uri)
+    return Path(os.environ.get("TINV_PVC_ROOT", DEFAULT_PVC_ROOT)) / parsed.netloc / parsed.path.lstrip("/")
+
+
+def pvc_claims(*uris: str | None) -> list[str]:
+    """The PersistentVolumeClaims named by pvc:// URIs, in order, without repeats."""
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = urlparse(uri).netloc
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a file://, pvc:// or plain-path URI."""
+    if uri.startswith("file://"):
+        return Path(urlparse(uri).path)
+    if uri.startswith("pvc://"):
+        return pvc_path(uri)
+    if "://" in uri:
+        raise StorageError(f"{uri}: not a local path (expected file://, pvc:// or a plain path)")
+    return Path(uri)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"{uri}: an s3:// URI needs a bucket, e.g. s3://my-bucket/tinv")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@dataclass
+class S3Settings:
+    """How to reach an S3-compatible endpoint; credentials default to the standard AWS env vars."""
+
+    endpoint: str | None = None
+    addressing_style: str = "auto"
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    @classmethod
+    def from_spec(cls, storage: Any | None, env: dict[str, str] | None = None) -> "S3Settings":
+        """From a tinv.api Storage model (or None) plus the process environment."""
+        env = dict(os.environ if env is None else env)
+        return cls(
+            endpoint=getattr(storage, "endpoint", None) or env.get("TINV_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL"),
+            addressing_style=getattr(storage, "addressing_style", None) or "auto",
+            region=getattr(storage, "region", None) or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
+            access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        )
+
+
+class Store:
+    """Read and write objects by URI: s3://, file://, pvc:// or plain paths.
+
+    Local writes are atomic (temp file + rename); S3 PUTs are atomic per object. Network
+    calls time out quickly so an unreachable endpoint is reported, not waited on.
+    """
+
+    def __init__(self, s3: S3Settings | None = None):
+        self.s3_settings = s3 or S3Settings.from_spec(None)
+        self._client = None
+
+    # ------------------------------------------------------------------ s3 plumbing
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            s = self.s3_settings
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=s.endpoint,
+                region_name=s.region or "us-east-1",
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=s.secret_access_key,
+                config=Config(
+                    s3={"addressing_style": s.addressing_style},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                ),
+            )
+        return self._client
+
+    def _s3_call(self, uri: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise NotFound(f"{uri}: no such object") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"{uri}: bucket does not exist; create it or fix storage.uri") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise StorageError(f"{uri}: access denied ({code}); check the credentials Secret") from None
+            raise StorageError(f"{uri}: {code or err}") from None
+        except BotoCoreError as err:
+            raise StorageError(f"{uri}: storage unreachable ({err}); check storage.endpoint") from None
+
+    # ------------------------------------------------------------------ operations
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            body = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
+            return body.read()
+        path = local_path(uri)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            self._s3_call(uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
+            return
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def write_json(self, uri: str, value: Any) -> None:
+        self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            try:
+                self._s3_call(uri, self.client.head_object, Bucket=bucket, Key=key)
+                return True
+            except NotFound:
+                return False
+        return local_path(uri).exists()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every object URI below a prefix (recursive), in key order."""
+        if is_s3(prefix):
+            bucket, key = _split_s3(prefix)
+            key = key.rstrip("/") + "/" if key else ""
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=bucket, Prefix=key)
+            try:
+                for page in self._s3_call(prefix, lambda: list(pages)):
+                    for obj in page.get("Contents", []):
+                        yield f"s3://{bucket}/{obj['Key']}"
+            except NotFound:
+                return
+            return
+        root = local_path(prefix)
+        if not root.is_dir():
+            return
+        base = prefix.rstrip("/")
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            yield join(base, path.relative_to(root).as_posix())
+
+    def children(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of a prefix (e.g. checkpoint uuids)."""
+        if is_s3(prefix):
+            bucket, key = _split_s3(prefix)
+            key = key.rstrip("/") + "/" if key else ""
+            paginator = self.client.get_paginator("list_objects_v2")
+            names: list[str] = []
+            for page in self._s3_call(prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/"))):
+                names += [p["Prefix"][len(key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return sorted(names)
+        root = local_path(prefix)
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def upload_file(self, uri: str, path: str | Path) -> None:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            self._s3_call(uri, self.client.upload_file, str(path), bucket, key)
+            return
+        self.write_bytes(uri, Path(path).read_bytes())
+
+    def download_file(self, uri: str, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            self._s3_call(uri, self.client.download_file, bucket, key, str(path))
+            return
+        try:
+            shutil.copyfile(local_path(uri), path)
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+
+    def download_prefix(self, prefix: str, dest: str | Path) -> list[Path]:
+        """Copy every object below a prefix into a local folder, keeping relative paths."""
+        dest = Path(dest)
+        base = prefix.rstrip("/") + "/"
+        out = []
+        for uri in self.list(prefix):
+            target = dest / uri[len(base):]
+            self.download_file(uri, target)
+            out.append(target)
+        return out
+
+    def delete(self, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            self._s3_call(uri, self.client.delete_object, Bucket=bucket, Key=key)
+            return
+        local_path(uri).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        if is_s3(prefix):
+            for uri in list(self.list(prefix)):
+                self.delete(uri)
+            return
+        shutil.rmtree(local_path(prefix), ignore_errors=True)
+
+
+def list_checkpoints(store: Store, root: str) -> list[dict[str, Any]]:
+    """Complete checkpoints under a run root (those whose manifest.json exists), oldest step first.
+
+    Each item is the manifest dict plus `uri` (the checkpoint folder). A folder without a
+    manifest is a checkpoint still being written, or one interrupted: it is never listed.
+    """
+    base = join(root, CHECKPOINTS_DIR)
+    found = []
+    for uuid in store.children(base):
+        try:
+            manifest = store.read_json(join(base, uuid, MANIFEST_FILE))
+        except NotFound:
+            continue
+        except (ValueError, StorageError):
+            continue
+        manifest["uri"] = join(base, uuid)
+        found.append(manifest)
+    found.sort(key=lambda m: (m.get("step", 0), m.get("created_at", "")))
+    return found

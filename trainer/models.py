@@ -1,0 +1,266 @@
+"""Loading a Stable Diffusion model for training or generation.
+
+``load(source, ...)`` accepts (the ``spec.model.source`` forms):
+
+- ``builtin:tiny`` / ``builtin:tiny-v`` (``?seed=N``): the tiny model built in code (:mod:`.tiny`)
+- a diffusers folder: a local path, ``file:///abs``, ``pvc://claim/path``
+- ``s3://bucket/prefix`` holding a diffusers folder: downloaded once into
+  ``<cache>/models/<hash>/`` (``$TINV_CACHE_DIR``, or the model-cache PVC the operator mounts
+  there); a ``.tinv-complete`` marker makes a half-finished download count as absent, and a lock
+  file keeps the ranks of one node from downloading twice
+- a Hugging Face id ``org/name`` (``revision``, ``variant``; token from ``$HF_TOKEN``, which the
+  operator fills from ``tokenSecretRef``): the local HF cache is tried first; then, unless
+  ``HF_HUB_OFFLINE`` is set, the hub endpoint is probed with a short TCP connect
+  (``$TINV_HUB_TIMEOUT``, default 10 s) so an unreachable hub fails fast with
+  :class:`UnavailableError` instead of hanging in retries.
+
+The result is a :class:`ModelBundle`. SD 1.x and 2.x have one text encoder; the bundle keeps a
+*list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import storage
+from .errors import ModelError, UnavailableError
+
+log = logging.getLogger("tinv.trainer")
+
+SD_COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+@dataclass
+class TextEncoderSlot:
+    name: str  # pipeline component name: "text_encoder" (SDXL adds "text_encoder_2")
+    tokenizer: object
+    encoder: torch.nn.Module
+    format_key: str | None = None  # SDXL file key ("clip_l", "clip_g"); None for SD 1.x/2.x
+
+    @property
+    def width(self) -> int:
+        return int(self.encoder.get_input_embeddings().embedding_dim)
+
+
+@dataclass
+class ModelBundle:
+    source: str
+    family: str  # "sd" (1.x/2.x); "sdxl" reserved
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object  # the model's training noise scheduler (DDPMScheduler)
+    text: list[TextEncoderSlot] = field(default_factory=list)
+    path: str | None = None  # local diffusers folder, when loaded from one
+
+    @property
+    def tokenizer(self):
+        return self.text[0].tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.text[0].encoder
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def pipeline(self, scheduler=None):
+        """A diffusers StableDiffusionPipeline over these very modules (no copy)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler or self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def _from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+    return ModelBundle(
+        source=source,
+        family="sd",
+        unet=c["unet"],
+        vae=c["vae"],
+        scheduler=c["scheduler"],
+        text=[TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"])],
+        path=path,
+    )
+
+
+def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBundle:
+    """Load the components of a diffusers Stable Diffusion folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.exists():
+        missing = [c for c in SD_COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            raise ModelError(
+                f"{source} is not a diffusers Stable Diffusion folder: no model_index.json and no {', '.join(missing)}/"
+            )
+    else:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        if "XL" in cls:
+            raise ModelError(f"{source} is an SDXL model ({cls}); tinv trains SD 1.x and 2.x today (SDXL is planned)")
+    kw = {"variant": variant} if variant else {}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", attn_implementation="sdpa", **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot load the model at {source}: {e}") from e
+    for m in (text_encoder, vae, unet):
+        m.eval()
+        m.requires_grad_(False)
+    return _from_components(
+        source,
+        {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler},
+        str(path),
+    )
+
+
+class _Lock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def fetch_s3_folder(uri: str, store: storage.ObjectStore | None = None) -> Path:
+    """Download a diffusers folder from object storage once; later calls reuse the cache."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    dest = storage.cache_dir() / "models" / digest
+    marker = dest / ".tinv-complete"
+    with _Lock(dest.with_suffix(".lock")):
+        if marker.exists():
+            log.info("model %s: using the cached copy in %s", uri, dest)
+            return dest
+        store = store or storage.ObjectStore()
+        try:
+            if not store.list(uri):
+                raise ModelError(f"no objects under {uri}: expected a diffusers folder there")
+            log.info("model %s: downloading into %s", uri, dest)
+            store.download_prefix(uri, dest)
+        except ModelError:
+            raise
+        except Exception as e:
+            raise UnavailableError(f"cannot download the model from {uri}: {e}") from e
+        marker.write_text(uri)
+    return dest
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def probe_hub(timeout: float | None = None) -> None:
+    """Raise UnavailableError unless a TCP connection to the hub endpoint opens within timeout."""
+    timeout = float(os.environ.get("TINV_HUB_TIMEOUT", "10")) if timeout is None else timeout
+    url = urllib.parse.urlparse(_hub_endpoint())
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise UnavailableError(
+            f"cannot reach the Hugging Face hub at {url.scheme}://{host}:{port} ({e.__class__.__name__}: {e}). "
+            "Put the model in object storage or on a PVC and use s3:// or pvc:// as model.source, "
+            "or pre-fill the cache and set HF_HUB_OFFLINE=1"
+        ) from e
+
+
+def fetch_hub(repo_id: str, revision: str | None, variant: str | None, token: str | None) -> Path:
+    """A local snapshot of a hub model: from the cache if present, else downloaded (fail fast)."""
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE") or str(storage.cache_dir() / "hf")
+    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
+    allow = ["model_index.json"]
+    for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        allow += [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/{weights}"]
+    ignore = [] if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
+    kw = dict(repo_id=repo_id, revision=revision, cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore, token=token)
+    try:
+        return Path(snapshot_download(local_files_only=True, **kw))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise UnavailableError(
+            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set"
+        )
+    probe_hub()
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "20")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "60")
+    try:
+        return Path(snapshot_download(**kw))
+    except Exception as e:
+        name = type(e).__name__
+        if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "EntryNotFoundError"):
+            raise ModelError(f"cannot use {repo_id!r} from the hub ({name}): {e}. Check the id, revision and token") from e
+        raise UnavailableError(f"downloading {repo_id!r} from the hub failed ({name}: {e})") from e
+
+
+def is_hub_id(source: str) -> bool:
+    if "://" in source or source.startswith(("/", ".", "~", "builtin:")):
+        return False
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not Path(source).exists()
+
+
+def load(
+    source: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | None = None,
+    store: storage.ObjectStore | None = None,
+) -> ModelBundle:
+    """Load a model bundle from any supported source (see the module doc)."""
+    if source.startswith("builtin:"):
+        from . import tiny
+
+        return _from_components(source, tiny.build(source))
+    if storage.is_s3(source):
+        return load_folder(fetch_s3_folder(source, store), source, variant)
+    if is_hub_id(source):
+        token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+        return load_folder(fetch_hub(source, revision, variant, token), source, variant)
+    try:
+        path = storage.local_path(source)
+    except ValueError as e:
+        raise ModelError(str(e)) from e
+    if path is None or not path.exists():
+        raise ModelError(f"model folder {source} does not exist")
+    return load_folder(path, source, variant)
