@@ -77,6 +77,12 @@ def run_root(storage_uri: str | None, namespace: str | None, name: str, uid: str
     return join(base, namespace or "default", f"{name}-{(uid or 'local')[:8]}")
 
 
+def root_of(resource: Any) -> str:
+    """The run root of a tinv.api resource (TextualInversionJob or GenerationGrid)."""
+    md = resource.metadata
+    return run_root(resource.spec.storage.uri, md.namespace, md.name, md.uid)
+
+
 def checkpoint_uri(root: str, uuid: str) -> str:
     return join(root, CHECKPOINTS_DIR, uuid)
 
