@@ -1,0 +1,57 @@
+{{- define "tinv.name" -}}tinv{{- end -}}
+
+{{- define "tinv.fullname" -}}
+{{- if contains "tinv" .Release.Name -}}{{ .Release.Name | trunc 53 | trimSuffix "-" }}{{- else -}}{{ printf "%s-tinv" .Release.Name | trunc 53 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "tinv.labels" -}}
+app.kubernetes.io/name: tinv
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "tinv.selectorLabels" -}}
+app.kubernetes.io/name: tinv
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "tinv.namespaces" -}}
+{{- if .Values.watchNamespaces -}}{{ join "," .Values.watchNamespaces }}{{- else -}}{{ .Release.Namespace }}{{- end -}}
+{{- end -}}
+
+{{- define "tinv.operatorImage" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "tinv.trainerImage" -}}
+{{ .Values.trainer.image.repository }}:{{ .Values.trainer.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "tinv.storageSecret" -}}
+{{ .Values.operatorStorageCredentialsSecret | default .Values.defaults.storage.credentialsSecret }}
+{{- end -}}
+
+{{/* The operator's permissions: exactly what its handlers use, nothing on Secrets. */}}
+{{- define "tinv.rules" -}}
+- apiGroups: ["tinv.io"]
+  resources: ["textualinversionjobs", "generationgrids"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["tinv.io"]
+  resources: ["textualinversionjobs/status", "generationgrids/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
