@@ -101,10 +101,21 @@ def test_wrong_values_fail_with_a_clear_message(helm, setting, fragment):
     assert fragment in r.stderr, r.stderr
 
 
-def test_notes_tell_the_user_what_to_apply(helm):
-    r = subprocess.run(
-        [helm, "install", "tinv", str(CHART), "-n", "team-a", "--dry-run=client"],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "kubectl -n team-a apply -f examples/det-logo-job.yaml" in r.stdout and "get tijobs" in r.stdout
+def test_real_install_per_namespace_and_rbac_holds(control_plane, tinv_crds):
+    """`helm install` into two fresh namespaces; each operator account is confined to its own."""
+    ns_a, ns_b = control_plane.new_namespace("team-a"), control_plane.new_namespace("team-b")
+    for ns in (ns_a, ns_b):
+        r = control_plane.helm("install", "tinv", str(CHART), "-n", ns, "--skip-crds", "--wait=false")
+        assert "kubectl -n %s apply -f examples/det-logo-job.yaml" % ns in r.stdout and "get tijobs" in r.stdout
+    sa = f"system:serviceaccount:{ns_a}:tinv"
+
+    def can(verb: str, resource: str, ns: str) -> bool:
+        r = control_plane.kubectl("auth", "can-i", verb, resource, "-n", ns, "--as", sa, check=False)
+        return r.stdout.strip() == "yes"
+
+    assert can("create", "jobs.batch", ns_a) and can("patch", "textualinversionjobs.tinv.io/status", ns_a)
+    assert can("watch", "generationgrids.tinv.io", ns_a) and can("create", "configmaps", ns_a)
+    assert not can("get", "secrets", ns_a), "the operator must not read Secrets"
+    assert not can("create", "jobs.batch", ns_b), "a namespaced install must not reach another namespace"
+    assert not can("list", "textualinversionjobs.tinv.io", ns_b)
+    assert not can("create", "clusterroles.rbac.authorization.k8s.io", ns_a)
