@@ -145,7 +145,7 @@ build() {
   for t in "$@"; do
     read -r name pkg dir <<<"$t"
     local built="$out/$(basename "$pkg")"
-    case "$pkg" in */v[0-9]*) built="$out/$(basename "$(dirname "$pkg")")" ;; esac   # go names .../server/v3 "server"
+    if [[ "$pkg" =~ /v[0-9]+$ ]]; then built="$out/$(basename "$(dirname "$pkg")")"; fi   # go names .../server/v3 "server"
     [ -f "$built" ] || { rm -rf "$out"; die "expected $built after building $pkg"; }
     mkdir -p "$dir"
     mv -f "$built" "${dir}/${name}.tmp" && mv -f "${dir}/${name}.tmp" "${dir}/${name}"

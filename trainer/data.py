@@ -203,18 +203,23 @@ def load_image(path: Path) -> Image.Image | None:
         return None
 
 
-def materialise(uri: str, store: storage.ObjectStore | None = None) -> Path:
-    """A local folder holding the images at uri (object-storage prefixes are downloaded once)."""
+def materialise(uri: str, store: storage.Store | None = None, base_dir: Path | None = None) -> Path:
+    """A local folder holding the images at uri (object-storage prefixes are downloaded once).
+
+    A relative plain path is taken from the working directory, else from base_dir (the job
+    file's folder)."""
     p = storage.local_path(uri)
     if p is not None:
+        if not p.exists() and base_dir is not None and "://" not in uri and not p.is_absolute() and (base_dir / p).exists():
+            p = base_dir / p
         if not p.exists():
             raise DataError(f"image folder {uri} does not exist")
         return p
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     dest = storage.cache_dir() / "images" / digest
-    store = store or storage.ObjectStore()
+    store = store or storage.Store()
     try:
-        uris = store.list(uri)
+        uris = list(store.list(uri))
     except Exception as e:
         from .errors import UnavailableError
 
@@ -240,7 +245,7 @@ def list_images(folder: Path) -> list[Path]:
     return out
 
 
-def build_dataset(concepts: list, resolution: int, center_crop: bool, interpolation: str, store=None) -> Dataset:
+def build_dataset(concepts: list, resolution: int, center_crop: bool, interpolation: str, store=None, base_dir: Path | None = None) -> Dataset:
     """Load every concept's images (see module doc). `concepts`: objects with token, property,
     images, templates, caption_from_filename, filename_split_char, num_blank_prompts, num_a_prompts."""
     ds = Dataset(pixels=[], concept=[], caption=[], names=[], templates=[], tokens=[])
@@ -250,7 +255,7 @@ def build_dataset(concepts: list, resolution: int, center_crop: bool, interpolat
         ds.templates.append(
             templates_for(c.property, c.templates, getattr(c, "num_blank_prompts", 0), getattr(c, "num_a_prompts", 0))
         )
-        folder = materialise(c.images, store)
+        folder = materialise(c.images, store, base_dir)
         paths = list_images(folder)
         n_ok = 0
         for p in paths:

@@ -170,12 +170,12 @@ def read_embeddings(location: str | Path, store=None) -> dict:
         if p.is_dir():
             return read_folder(p)
         return read_file(p)
-    store = store or storage.ObjectStore()
+    store = store or storage.Store()
     with tempfile.TemporaryDirectory(prefix="tinv-emb-") as tmp:
         name = loc.rstrip("/").rsplit("/", 1)[-1]
         if Path(name).suffix in (".pt", ".bin", ".safetensors"):
             target = Path(tmp) / name
-            target.write_bytes(store.get_bytes(loc))
+            target.write_bytes(store.read_bytes(loc))
             return read_file(target)
         store.download_prefix(loc, tmp)
         return read_folder(Path(tmp))

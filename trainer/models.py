@@ -157,7 +157,7 @@ class _Lock:
         self.f.close()
 
 
-def fetch_s3_folder(uri: str, store: storage.ObjectStore | None = None) -> Path:
+def fetch_s3_folder(uri: str, store: storage.Store | None = None) -> Path:
     """Download a diffusers folder from object storage once; later calls reuse the cache."""
     digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
     dest = storage.cache_dir() / "models" / digest
@@ -166,9 +166,9 @@ def fetch_s3_folder(uri: str, store: storage.ObjectStore | None = None) -> Path:
         if marker.exists():
             log.info("model %s: using the cached copy in %s", uri, dest)
             return dest
-        store = store or storage.ObjectStore()
+        store = store or storage.Store()
         try:
-            if not store.list(uri):
+            if not any(True for _ in store.list(uri)):
                 raise ModelError(f"no objects under {uri}: expected a diffusers folder there")
             log.info("model %s: downloading into %s", uri, dest)
             store.download_prefix(uri, dest)
@@ -245,7 +245,7 @@ def load(
     revision: str | None = None,
     variant: str | None = None,
     token: str | None = None,
-    store: storage.ObjectStore | None = None,
+    store: storage.Store | None = None,
 ) -> ModelBundle:
     """Load a model bundle from any supported source (see the module doc)."""
     if source.startswith("builtin:"):
@@ -264,3 +264,27 @@ def load(
     if path is None or not path.exists():
         raise ModelError(f"model folder {source} does not exist")
     return load_folder(path, source, variant)
+
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, config):
+    """An inference scheduler by tinv name (the API's SchedulerName), from a model's config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ModelError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)

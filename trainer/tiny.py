@@ -158,7 +158,7 @@ def build_tokenizer():
 
 
 def parse_ref(ref: str) -> tuple[str, int]:
-    """'builtin:tiny[-v][?seed=N]' -> (variant, seed)."""
+    """'builtin:tiny[-v][?seed=N]' (or 'builtin:sd15-random', for benchmarks) -> (variant, seed)."""
     body = ref.split(":", 1)[1]
     name, _, query = body.partition("?")
     seed = 0
@@ -166,7 +166,7 @@ def parse_ref(ref: str) -> tuple[str, int]:
         k, _, v = kv.partition("=")
         if k == "seed":
             seed = int(v)
-    if name not in ("tiny", "tiny-v"):
+    if name not in ("tiny", "tiny-v", "sd15-random"):
         from .errors import ModelError
 
         raise ModelError(f"unknown builtin model {ref!r}: the builtin models are 'builtin:tiny' and 'builtin:tiny-v'")
@@ -179,6 +179,8 @@ def build(ref: str = "builtin:tiny") -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     variant, seed = parse_ref(ref)
+    if variant == "sd15-random":
+        return build_sd15_random(seed)
     v = variant == "tiny-v"
     tokenizer = build_tokenizer()
     width = 32
@@ -237,6 +239,42 @@ def build(ref: str = "builtin:tiny") -> dict:
         prediction_type="v_prediction" if v else "epsilon",
         clip_sample=False,
         steps_offset=1,
+    )
+    for m in (text_encoder, vae, unet):
+        m.eval()
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+def build_sd15_random(seed: int = 0, device: str | None = None) -> dict:
+    """Stable Diffusion 1.5's architecture (860M UNet, ViT-L/14 text encoder, 84M VAE) with random
+    weights, for benchmarks only (``builtin:sd15-random``; not an API model source). The tokenizer
+    is the tiny BPE one; the text encoder keeps CLIP's 49,408-row table. Built directly on
+    `device` (default: CUDA when available) because initialising 1.1B parameters on a CPU is slow."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                attn_implementation="sdpa",
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            scaling_factor=0.18215,
+        )
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
     )
     for m in (text_encoder, vae, unet):
         m.eval()

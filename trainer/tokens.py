@@ -42,11 +42,13 @@ class ConceptTokens:
 class ConceptVocab:
     """Placeholder ids and boundary-aware prompt tokenisation for the concepts of one job."""
 
-    def __init__(self, tokenizer, concepts: list[tuple[str, str, int | None]]):
-        """concepts: (token, initializer phrase, explicit vector count or None)."""
+    def __init__(self, tokenizer, concepts: list[tuple[str, str, int | None]], table_size: int = 0):
+        """concepts: (token, initializer phrase, explicit vector count or None). table_size: rows of
+        the encoder's embedding table, which may exceed the tokenizer's vocabulary (padded tables):
+        placeholder ids start past both."""
         self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab()
-        self.base_size = len(self.vocab)
+        self.base_size = max(len(self.vocab), int(table_size))
         self.max_length = int(getattr(tokenizer, "model_max_length", 77) or 77)
         if self.max_length > 1000:  # tokenizers without a limit report 1e30
             self.max_length = 77
@@ -193,11 +195,12 @@ class TIEmbedding(nn.Module):
     regardless of the compute dtype.
     """
 
-    def __init__(self, base: nn.Embedding, new: torch.Tensor):
+    def __init__(self, base: nn.Embedding, new: torch.Tensor, offset: int | None = None):
         super().__init__()
         self.base = base
         self.base.weight.requires_grad_(False)
-        self.num_base = base.num_embeddings
+        self.num_base = base.num_embeddings if offset is None else int(offset)  # first placeholder id
+        assert self.num_base >= base.num_embeddings
         self.new = nn.Parameter(new.detach().to(torch.float32).clone())
 
     @property
@@ -213,7 +216,7 @@ class TIEmbedding(nn.Module):
         return self.base.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        is_new = ids >= self.num_base
+        is_new = ids >= self.num_base  # placeholder ids; everything below is the frozen table
         out = self.base(torch.where(is_new, torch.zeros_like(ids), ids))
         new_rows = nn.functional.embedding(torch.where(is_new, ids - self.num_base, torch.zeros_like(ids)), self.new)
         return torch.where(is_new.unsqueeze(-1), new_rows.to(out.dtype), out)
@@ -224,11 +227,12 @@ def token_embedding_of(text_encoder) -> nn.Module:
     return text_encoder.get_input_embeddings()
 
 
-def install(text_encoder, init: torch.Tensor) -> TIEmbedding:
-    """Wrap the encoder's token embedding in a TIEmbedding whose new rows start at `init`."""
+def install(text_encoder, init: torch.Tensor, offset: int | None = None) -> TIEmbedding:
+    """Wrap the encoder's token embedding in a TIEmbedding whose new rows start at `init`;
+    ids from `offset` (ConceptVocab.base_size) on select them."""
     current = text_encoder.get_input_embeddings()
     base = current.base if isinstance(current, TIEmbedding) else current
-    layer = TIEmbedding(base, init.to(base.weight.device))
+    layer = TIEmbedding(base, init.to(base.weight.device), offset)
     text_encoder.set_input_embeddings(layer)
     return layer
 

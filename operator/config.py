@@ -1,0 +1,191 @@
+"""Operator configuration: command-line flags, each with an environment-variable fallback.
+
+    tinv operator --namespace team-a --image ghcr.io/tinv/trainer:0.1.0 --gpu-class A100_PCIE_80GB --region ORD1 \
+                  --storage-uri s3://tinv-runs --storage-endpoint https://object.ord1.coreweave.com \
+                  --storage-secret tinv-s3
+
+Precedence: flag > environment variable > default. Every flag is listed by `tinv operator --help`
+(with its variable). The operator's OWN object-storage credentials (used only to read
+progress.json and checkpoint manifests) come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY;
+pods never get them: pods get the resource's (or the default) credentials Secret by reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+DEFAULT_GPU_CLASS_LABEL = "gpu.nvidia.com/class"
+DEFAULT_REGION_LABEL = "topology.kubernetes.io/region"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tinv")
+    except Exception:  # noqa: BLE001 - not installed
+        return "latest"
+
+
+DEFAULT_IMAGE = f"ghcr.io/tinv/trainer:{_version()}"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Everything the operator is configured with. Pure data: builders read it, never the environment."""
+
+    namespaces: tuple[str, ...] = ()
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    # placement (CoreWeave): defaults for spec.resources.gpuClass / region and the node label keys
+    gpu_class: str | None = None
+    region: str | None = None
+    gpu_class_label: str = DEFAULT_GPU_CLASS_LABEL
+    region_label: str = DEFAULT_REGION_LABEL
+    gpu_toleration: bool = True
+    # storage defaults filled into the resource document
+    storage_uri: str | None = None
+    storage_endpoint: str | None = None
+    storage_addressing_style: str | None = None
+    storage_region: str | None = None
+    storage_secret: str | None = None
+    storage_secret_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    storage_secret_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    # model defaults
+    hf_token_secret: str | None = None
+    hf_token_key: str = "token"
+    model_cache_claim: str | None = None
+    # pods
+    worker_service_account: str | None = None
+    run_as_user: int = 1000
+    termination_grace_seconds: int = 120
+    rendezvous_timeout: int = 600
+    master_port: int = 29500
+    pod_annotation_prefixes: tuple[str, ...] = ()
+    # the operator process
+    poll_interval: float = 15.0
+    poll_workers: int = 16
+    api_workers: int = 16
+    status_batch_interval: float = 0.5
+    metrics_port: int = 9090
+    health_port: int = 8080
+    cleanup_retries: int = 5
+    cluster_scan: bool = False
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "OperatorConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return OperatorConfig(**values)
+
+
+# flag -> (attribute, environment variable, type, help)
+_FLAGS: list[tuple[str, str, str, Any, str]] = [
+    ("--image", "image", "TINV_IMAGE", str, "trainer image the worker pods run (spec.resources.image overrides)"),
+    ("--image-pull-policy", "image_pull_policy", "TINV_IMAGE_PULL_POLICY", str, "imagePullPolicy of worker pods"),
+    ("--gpu-class", "gpu_class", "TINV_GPU_CLASS", str, "default GPU class (node label value) when a resource names none"),
+    ("--region", "region", "TINV_REGION", str, "default region (node label value) when a resource names none"),
+    ("--gpu-class-label", "gpu_class_label", "TINV_GPU_CLASS_LABEL", str, "node label key of the GPU class"),
+    ("--region-label", "region_label", "TINV_REGION_LABEL", str, "node label key of the region"),
+    ("--storage-uri", "storage_uri", "TINV_STORAGE_URI", str, "default storage.uri (s3://bucket/prefix, file:///path, pvc://claim/path)"),
+    ("--storage-endpoint", "storage_endpoint", "TINV_S3_ENDPOINT", str, "default S3 endpoint URL"),
+    ("--storage-addressing-style", "storage_addressing_style", "TINV_S3_ADDRESSING_STYLE", str, "default S3 addressing style (auto, path, virtual)"),
+    ("--storage-region", "storage_region", "TINV_S3_REGION", str, "default S3 region name"),
+    ("--storage-secret", "storage_secret", "TINV_STORAGE_SECRET", str, "default Secret with S3 credentials for pods (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
+    ("--hf-token-secret", "hf_token_secret", "TINV_HF_TOKEN_SECRET", str, "default Secret with a Hugging Face token for pods, NAME or NAME:KEY (key default 'token')"),
+    ("--model-cache-claim", "model_cache_claim", "TINV_MODEL_CACHE_CLAIM", str, "default PersistentVolumeClaim mounted as the model cache"),
+    ("--worker-service-account", "worker_service_account", "TINV_WORKER_SERVICE_ACCOUNT", str, "ServiceAccount of worker pods (its token is never mounted)"),
+    ("--run-as-user", "run_as_user", "TINV_RUN_AS_USER", int, "uid (and gid) worker pods run as"),
+    ("--termination-grace-seconds", "termination_grace_seconds", "TINV_TERMINATION_GRACE_SECONDS", int, "time a worker gets to checkpoint after SIGTERM"),
+    ("--rendezvous-timeout", "rendezvous_timeout", "TINV_RENDEZVOUS_TIMEOUT", int, "seconds a worker waits for the master's DNS name before exiting 69 (retried)"),
+    ("--poll-interval", "poll_interval", "TINV_POLL_INTERVAL", float, "seconds between reads of progress.json and checkpoint manifests"),
+    ("--poll-workers", "poll_workers", "TINV_POLL_WORKERS", int, "threads reading object storage (one pool for all resources)"),
+    ("--api-workers", "api_workers", "TINV_API_WORKERS", int, "threads writing status and events (one pool for all resources)"),
+    ("--metrics-port", "metrics_port", "TINV_METRICS_PORT", int, "Prometheus /metrics port (0: off)"),
+    ("--health-port", "health_port", "TINV_HEALTH_PORT", int, "kopf liveness endpoint port, http://:PORT/healthz (0: off)"),
+    ("--cleanup-retries", "cleanup_retries", "TINV_CLEANUP_RETRIES", int, "attempts to delete outputs (storage.cleanupOnDelete) before giving up with a warning"),
+    ("--log-level", "log_level", "TINV_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").replace(";", ",").split(",") if v.strip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinv operator",
+        description="Run the tinv operator (kopf): reconcile TextualInversionJobs and GenerationGrids into GPU Jobs.",
+        epilog="Each flag falls back to the environment variable in brackets. The operator's own object-storage "
+        "credentials (to read progress) come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.",
+    )
+    p.add_argument(
+        "-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+        help="namespace to watch; repeat or comma-separate for several [TINV_NAMESPACES, else POD_NAMESPACE]",
+    )
+    for flag, attr, env, typ, help_ in _FLAGS:
+        p.add_argument(flag, dest=attr, type=typ, default=None, help=f"{help_} [{env}]")
+    p.add_argument("--image-pull-secret", action="append", dest="image_pull_secrets", metavar="NAME",
+                   help="imagePullSecret of worker pods; repeatable [TINV_IMAGE_PULL_SECRETS]")
+    p.add_argument("--pod-annotation-prefix", action="append", dest="pod_annotation_prefixes", metavar="PREFIX",
+                   help="copy the resource's annotations with this key prefix to its pods; repeatable [TINV_POD_ANNOTATION_PREFIXES]")
+    p.add_argument("--no-gpu-toleration", action="store_true", default=None,
+                   help="do not add the toleration nvidia.com/gpu:NoSchedule to GPU pods [TINV_NO_GPU_TOLERATION]")
+    p.add_argument("--cluster-scan", action="store_true", default=None,
+                   help="let kopf watch namespaces and CRDs cluster-wide (needs cluster RBAC) [TINV_CLUSTER_SCAN]")
+    return p
+
+
+def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """Build the configuration from flags (argv without the command name) and the environment."""
+    env = dict(os.environ if env is None else env)
+    args = parser().parse_args(argv or [])
+    values: dict[str, Any] = {}
+    for _flag, attr, var, typ, _help in _FLAGS:
+        value = getattr(args, attr)
+        if value is None and env.get(var) not in (None, ""):
+            value = typ(env[var])
+        if value is not None:
+            values[attr] = value
+    namespaces: list[str] = []
+    for item in args.namespaces or []:
+        namespaces += _split(item)
+    if not namespaces:
+        namespaces = list(_split(env.get("TINV_NAMESPACES"))) or list(_split(env.get("POD_NAMESPACE")))
+    values["namespaces"] = tuple(dict.fromkeys(namespaces))
+    values["image_pull_secrets"] = tuple(args.image_pull_secrets or _split(env.get("TINV_IMAGE_PULL_SECRETS")))
+    values["pod_annotation_prefixes"] = tuple(args.pod_annotation_prefixes or _split(env.get("TINV_POD_ANNOTATION_PREFIXES")))
+    if args.no_gpu_toleration or _truthy(env.get("TINV_NO_GPU_TOLERATION")):
+        values["gpu_toleration"] = False
+    if args.cluster_scan or _truthy(env.get("TINV_CLUSTER_SCAN")):
+        values["cluster_scan"] = True
+    hf = values.get("hf_token_secret")
+    if hf and ":" in hf:
+        values["hf_token_secret"], values["hf_token_key"] = hf.split(":", 1)
+    config = OperatorConfig(**values)
+    problems = check(config)
+    if problems:
+        parser().error("; ".join(problems))
+    return config
+
+
+def check(config: OperatorConfig) -> list[str]:
+    problems = []
+    if config.poll_interval <= 0:
+        problems.append("--poll-interval must be positive")
+    if config.poll_workers < 1 or config.api_workers < 1:
+        problems.append("--poll-workers and --api-workers must be at least 1")
+    if config.storage_addressing_style not in (None, "auto", "path", "virtual"):
+        problems.append("--storage-addressing-style must be auto, path or virtual")
+    if config.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+        problems.append("--image-pull-policy must be Always, IfNotPresent or Never")
+    return problems

@@ -1,0 +1,184 @@
+"""The kopf handlers: small, typed, and delegating to the Controller.
+
+Registered on an explicit registry (`register()`), so an operator can be built more than once in a
+process (tests) and nothing happens at import time.
+
+* indexes: the resources, their Jobs and their pods (Jobs and pods filtered server-side by the
+  label app.kubernetes.io/managed-by=tinv-operator); their callbacks only mark a resource dirty;
+* create / update / resume: `Controller.reconcile()`; invalid specs raise kopf.PermanentError
+  (a condition, no retry loop), transient API errors kopf.TemporaryError with back-off;
+* delete: only for resources with spec.storage.cleanupOnDelete (only those get the finalizer):
+  delete the outputs, a bounded number of attempts, then give up with a Warning Event;
+* startup: kopf settings (watch timeouts, annotation-based persistence, selectors) and the
+  controller's status and poll tasks; cleanup: stop them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from tinv.api.models import GROUP, VERSION
+
+from . import builders as B
+from .config import OperatorConfig
+from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, Invalid, Retry, slim
+from .kube import ApiError
+from .status import job_view, pod_view, short
+
+log = logging.getLogger("tinv.operator")
+SELECTOR = {B.LABEL_MANAGED_BY: B.MANAGED_BY}
+FINALIZER = "tinv.io/cleanup-outputs"
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    settings.posting.reporting_component = B.MANAGED_BY
+    settings.posting.level = logging.WARNING  # our own Events come from the controller
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tinv.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tinv.io", key="last-handled-configuration")
+    settings.persistence.finalizer = FINALIZER
+    settings.execution.max_workers = config.api_workers
+    settings.scanning.disabled = not config.cluster_scan
+    settings.peering.standalone = True
+    selector = f"{B.LABEL_MANAGED_BY}={B.MANAGED_BY}"
+    settings.watching.label_selectors["batch", "v1", "jobs"] = selector
+    settings.watching.label_selectors["v1", "pods"] = selector
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+def _backoff(retry: int) -> float:
+    return float(min(60, 2 ** max(0, retry)))
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller, config: OperatorConfig) -> None:
+    metrics = controller.metrics
+    on = kopf.on
+
+    on.login(registry=registry)(kopf.login_via_client)
+
+    @on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        configure_settings(settings, config)
+        indices = {k: kwargs[k] for k in (IDX_JOBS, IDX_PODS, *IDX_RESOURCES.values()) if k in kwargs}
+        await controller.start(indices)
+        log.info("tinv operator watching namespaces %s", ", ".join(config.namespaces))
+
+    @on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await controller.stop()
+
+    # ---------------------------------------------------------------- indexes (the watch cache)
+    @kopf.index("batch", "v1", "jobs", labels=SELECTOR, id=IDX_JOBS, registry=registry)
+    async def tinv_jobs(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        controller.on_child(namespace, name)
+        return {(namespace, name): job_view(body)}
+
+    @kopf.index("v1", "pods", labels=SELECTOR, id=IDX_PODS, registry=registry)
+    async def tinv_pods(namespace: str, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any] | None:
+        job = labels.get(B.JOB_NAME_LABEL) or labels.get("job-name")
+        if not job:
+            return None
+        controller.on_child(namespace, job)
+        return {(namespace, job): pod_view(body)}
+
+    @on.event("batch", "v1", "jobs", labels=SELECTOR, registry=registry)
+    async def job_deleted(type: str, name: str, namespace: str, **_: Any) -> None:
+        if type == "DELETED":
+            controller.on_child(namespace, name)
+
+    @on.event("v1", "pods", labels=SELECTOR, registry=registry)
+    async def pod_deleted(type: str, namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        job = labels.get(B.JOB_NAME_LABEL) or labels.get("job-name")
+        if type == "DELETED" and job:
+            controller.on_child(namespace, job)
+
+    for kind, plural in B.PLURALS.items():
+        _register_kind(registry, controller, config, metrics, kind, plural)
+
+
+def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, config: OperatorConfig, metrics: Any, kind: str, plural: str) -> None:
+    on = kopf.on
+
+    async def index(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        controller.on_resource(kind, namespace, name)
+        return {(namespace, name): slim(body)}
+
+    kopf.index(GROUP, VERSION, plural, id=IDX_RESOURCES[kind], registry=registry)(index)
+
+    async def deleted(type: str, name: str, namespace: str, **_: Any) -> None:
+        if type == "DELETED":
+            controller.forget((kind, namespace, name))
+
+    on.event(GROUP, VERSION, plural, id=f"{plural}-deleted", registry=registry)(deleted)
+
+    def reconcile(body: kopf.Body, retry: int, **_: Any) -> None:
+        controller.ready = True
+        t0 = time.monotonic()
+        meta = body.get("metadata", {})
+        where = f"{kind} {meta.get('namespace')}/{meta.get('name')}"
+        try:
+            result = controller.reconcile(kind, _plain(body))
+            metrics.reconciles.labels(kind, result).inc()
+        except Invalid as err:
+            metrics.reconciles.labels(kind, "invalid").inc()
+            raise kopf.PermanentError(f"{where}: invalid: {err}") from None
+        except Retry as err:
+            metrics.reconciles.labels(kind, "retry").inc()
+            raise kopf.TemporaryError(f"{where}: {err}", delay=err.delay) from None
+        except ApiError as err:
+            metrics.reconcile_errors.labels(kind, str(err.status or err.reason)).inc()
+            if err.retryable:
+                metrics.reconciles.labels(kind, "retry").inc()
+                raise kopf.TemporaryError(f"{where}: {err}", delay=_backoff(retry)) from None
+            if err.status == 403:
+                metrics.reconciles.labels(kind, "retry").inc()
+                raise kopf.TemporaryError(f"{where}: forbidden ({err.message}): check the operator's RBAC", delay=60) from None
+            if err.status in (400, 422):
+                metrics.reconciles.labels(kind, "invalid").inc()
+                controller.refuse(kind, _plain(body), f"the apiserver refused a child object: {short(err.message, 600)}")
+                raise kopf.PermanentError(f"{where}: {err}") from None
+            metrics.reconciles.labels(kind, "error").inc()
+            raise kopf.TemporaryError(f"{where}: {err}", delay=_backoff(retry)) from None
+        except Exception as err:
+            metrics.reconciles.labels(kind, "error").inc()
+            metrics.reconcile_errors.labels(kind, type(err).__name__).inc()
+            raise
+        finally:
+            metrics.reconcile_seconds.labels(kind).observe(time.monotonic() - t0)
+
+    on.create(GROUP, VERSION, plural, id="create", registry=registry)(reconcile)
+    on.update(GROUP, VERSION, plural, id="update", registry=registry)(reconcile)
+    on.resume(GROUP, VERSION, plural, id="resume", registry=registry)(reconcile)
+
+    def wants_cleanup(spec: kopf.Spec, **_: Any) -> bool:
+        return bool((spec.get("storage") or {}).get("cleanupOnDelete"))
+
+    def cleanup_outputs(body: kopf.Body, retry: int, **_: Any) -> None:
+        plain = _plain(body)
+        meta = plain.get("metadata", {})
+        attempts = max(1, config.cleanup_retries)
+        try:
+            message = controller.cleanup_outputs(kind, plain)
+        except Exception as err:  # noqa: BLE001 - storage errors, unreachable endpoints ...
+            if retry + 1 < attempts:
+                raise kopf.TemporaryError(f"cannot delete the outputs yet ({short(str(err), 300)})", delay=min(60, 5 * 2**retry)) from None
+            controller.post_event(kind, meta, "Warning", "OutputsKept",
+                                  f"gave up deleting the outputs after {attempts} attempts: {short(str(err), 600)}; they are kept")
+            controller.forget((kind, meta.get("namespace"), meta.get("name")))
+            return
+        controller.post_event(kind, meta, "Normal", "OutputsDeleted", message)
+        controller.forget((kind, meta.get("namespace"), meta.get("name")))
+
+    on.delete(GROUP, VERSION, plural, id="cleanup-outputs", when=wants_cleanup, registry=registry)(cleanup_outputs)

@@ -1,0 +1,666 @@
+"""Pure status logic: what the user reads in `kubectl get/describe`.
+
+`compute_status()` turns what the operator observed (the resource, its Job, the Job's pods, what
+storage says, and what the handler decided) into the resource's whole `status`, in the shape of
+tinv.api.models (camelCase). `merge_patch()` makes the minimal JSON merge patch from the old
+status, and `transitions()` the Events a change deserves. No I/O and no clock (``now`` is an
+argument), so all of it is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tinv.api.models import ConditionType as C
+from tinv.api.models import Reason as R
+from tinv.api.storage import join
+
+from .builders import GPU_RESOURCE, GRID, TIJOB
+
+
+def _reason(name: str, default: str) -> str:
+    """A reason constant from tinv.api.models.Reason, with a fallback for ones not in the contract yet."""
+    return getattr(R, name, default)
+
+
+QUEUED = _reason("QUEUED", "Queued")
+RESOLVED = _reason("RESOLVED", "Resolved")
+SPEC_CHANGE_PENDING = _reason("SPEC_CHANGE_PENDING", "SpecChangePending")
+STARTING = _reason("STARTING", "Starting")
+RETRYING = _reason("RETRYING", "Retrying")
+CONTAINER_CONFIG_ERROR = _reason("CONTAINER_CONFIG_ERROR", "CreateContainerConfigError")
+CHECKPOINT_RECORDED = _reason("CHECKPOINT_RECORDED", "CheckpointRecorded")
+
+TERMINAL = ("Succeeded", "Failed")
+WARNING_REASONS = {
+    R.INVALID_SPEC,
+    R.SECRET_MISSING,
+    R.STORAGE_UNREACHABLE,
+    R.UNSCHEDULABLE,
+    R.IMAGE_PULL_BACK_OFF,
+    R.BACKOFF_LIMIT_EXCEEDED,
+    R.DEADLINE_EXCEEDED,
+    R.NON_RETRYABLE_EXIT,
+    SPEC_CHANGE_PENDING,
+    CONTAINER_CONFIG_ERROR,
+    RETRYING,
+}
+MAX_MESSAGE = 1024
+IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable")
+
+
+def short(text: str | None, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sig(value: Any, digits: int = 4) -> float | None:
+    """Round to `digits` significant digits (loss 0.123456 -> 0.1235); None for non-numbers."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
+
+
+# --------------------------------------------------------------------------- views of children
+
+
+def job_view(body: dict[str, Any]) -> dict[str, Any]:
+    """The part of a batch/v1 Job the status needs (small: kept in memory for every resource)."""
+    meta = body.get("metadata", {})
+    spec = body.get("spec", {})
+    st = body.get("status", {}) or {}
+    return {
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "suspend": bool(spec.get("suspend")),
+        "completions": spec.get("completions"),
+        "specHash": (meta.get("annotations") or {}).get("tinv.io/spec-hash"),
+        "ownerUid": (meta.get("labels") or {}).get("tinv.io/owner-uid"),
+        "backoffLimit": spec.get("backoffLimit"),
+        "backoffLimitPerIndex": spec.get("backoffLimitPerIndex"),
+        "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
+        "ttlSecondsAfterFinished": spec.get("ttlSecondsAfterFinished"),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "active": st.get("active", 0) or 0,
+        "ready": st.get("ready", 0) or 0,
+        "succeeded": st.get("succeeded", 0) or 0,
+        "failed": st.get("failed", 0) or 0,
+        "terminating": st.get("terminating", 0) or 0,
+        "startTime": st.get("startTime"),
+        "completionTime": st.get("completionTime"),
+        "conditions": {
+            c.get("type"): {"status": c.get("status"), "reason": c.get("reason", ""), "message": short(c.get("message"))}
+            for c in st.get("conditions", []) or []
+        },
+    }
+
+
+def pod_view(body: dict[str, Any]) -> dict[str, Any]:
+    """The part of a worker pod the status needs: phase, scheduling, container waits and exits."""
+    meta = body.get("metadata", {})
+    st = body.get("status", {}) or {}
+    conds = {c.get("type"): c for c in st.get("conditions", []) or []}
+    sched = conds.get("PodScheduled") or {}
+    disruption = conds.get("DisruptionTarget") or {}
+    waiting, terminated = [], []
+    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        state = cs.get("state") or {}
+        if "waiting" in state and state["waiting"]:
+            w = state["waiting"]
+            waiting.append({"container": cs.get("name"), "reason": w.get("reason", ""), "message": short(w.get("message")), "image": cs.get("image")})
+        if "terminated" in state and state["terminated"]:
+            t = state["terminated"]
+            terminated.append(
+                {
+                    "container": cs.get("name"),
+                    "exitCode": t.get("exitCode"),
+                    "reason": t.get("reason", ""),
+                    "message": (t.get("message") or "")[:4096],
+                    "finishedAt": t.get("finishedAt"),
+                }
+            )
+    return {
+        "name": meta.get("name"),
+        "ownerUid": (meta.get("labels") or {}).get("tinv.io/owner-uid"),
+        "index": (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index"),
+        "phase": st.get("phase", "Pending"),
+        "node": (body.get("spec") or {}).get("nodeName"),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "created": meta.get("creationTimestamp"),
+        "startTime": st.get("startTime"),
+        "scheduled": {"status": sched.get("status"), "reason": sched.get("reason", ""), "message": short(sched.get("message"))} if sched else None,
+        "disrupted": disruption.get("status") == "True",
+        "waiting": waiting,
+        "terminated": terminated,
+    }
+
+
+# --------------------------------------------------------------------------- storage documents
+
+
+def normalize_checkpoint(d: Any) -> dict[str, Any] | None:
+    """A CheckpointRef (camelCase) from a manifest, progress.json or termination-message entry."""
+    if not isinstance(d, dict) or not d.get("uuid") or not d.get("uri"):
+        return None
+    try:
+        step = int(d.get("step", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    out: dict[str, Any] = {"uuid": str(d["uuid"]), "step": max(step, 0), "uri": str(d["uri"])}
+    created = d.get("createdAt") or d.get("created_at")
+    if created:
+        out["createdAt"] = str(created)
+    loss = sig(d.get("loss"))
+    if loss is not None:
+        out["loss"] = loss
+    return out
+
+
+def merge_checkpoints(keep: int, *sources: Iterable[Any]) -> list[dict[str, Any]]:
+    """Union of checkpoint lists by uuid (later sources fill missing fields), oldest step first,
+    the newest `keep` kept. Status never loses a checkpoint that is still among the newest."""
+    merged: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        for item in source or []:
+            ck = normalize_checkpoint(item)
+            if ck is None:
+                continue
+            prev = merged.get(ck["uuid"])
+            merged[ck["uuid"]] = {**prev, **{k: v for k, v in ck.items() if v is not None}} if prev else ck
+    ordered = sorted(merged.values(), key=lambda c: (c["step"], c.get("createdAt", ""), c["uuid"]))
+    return ordered[-keep:] if keep > 0 else ordered
+
+
+def _first(d: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    return None
+
+
+def _count(value: Any) -> int | None:
+    try:
+        return max(int(value), 0) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def summary(done: int | None, total: int | None) -> str | None:
+    if done is None:
+        return None
+    if not total:
+        return str(done)
+    return f"{done}/{total} ({min(100, int(100 * done / total))}%)"
+
+
+def normalize_progress(raw: Any, kind: str) -> dict[str, Any] | None:
+    """status.progress from a progress.json document (camelCase or snake_case keys accepted)."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    if kind == TIJOB:
+        out["step"] = _count(_first(raw, "step"))
+        out["totalSteps"] = _count(_first(raw, "totalSteps", "total_steps"))
+        out["loss"] = sig(_first(raw, "loss"))
+        out["samplesPerSecond"] = sig(_first(raw, "samplesPerSecond", "samples_per_second"), 3)
+        out["summary"] = summary(out["step"], out["totalSteps"])
+    else:
+        out["imagesDone"] = _count(_first(raw, "imagesDone", "images_done"))
+        out["imagesTotal"] = _count(_first(raw, "imagesTotal", "images_total"))
+        out["imagesPerSecond"] = sig(_first(raw, "imagesPerSecond", "images_per_second"), 3)
+        out["summary"] = summary(out["imagesDone"], out["imagesTotal"])
+    if out.get("samplesPerSecond") is not None and out["samplesPerSecond"] < 0:
+        out["samplesPerSecond"] = None
+    out["etaSeconds"] = _count(_first(raw, "etaSeconds", "eta_seconds"))
+    updated = _first(raw, "updatedAt", "updated_at")
+    out["updatedAt"] = str(updated) if updated else None
+    out = {k: v for k, v in out.items() if v is not None}
+    return out or None
+
+
+def progress_checkpoints(raw: Any) -> list[Any]:
+    """Complete checkpoints a progress.json lists (the trainer writes them after their manifest)."""
+    if not isinstance(raw, dict):
+        return []
+    items = list(raw.get("checkpoints") or [])
+    latest = _first(raw, "latestCheckpoint", "latest_checkpoint")
+    if latest:
+        items.append(latest)
+    return items
+
+
+def parse_termination(message: str | None) -> dict[str, Any] | None:
+    """The trainer's JSON summary from the termination message, or None (e.g. a log tail)."""
+    if not message:
+        return None
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def termination_summary(message: str | None) -> str | None:
+    """A short, human line from a termination message (JSON summary or the log tail)."""
+    if not message:
+        return None
+    doc = parse_termination(message)
+    if doc is None:
+        lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+        return short(" | ".join(lines[-3:]), 512) if lines else None
+    parts = []
+    head = doc.get("reason") or doc.get("phase")
+    if head:
+        parts.append(str(head))
+    if doc.get("message"):
+        parts.append(str(doc["message"]))
+    step, total = doc.get("step"), doc.get("totalSteps") or doc.get("total_steps")
+    if step is not None:
+        parts.append(f"step {step}/{total}" if total else f"step {step}")
+    if doc.get("imagesDone") is not None:
+        parts.append(f"images {doc['imagesDone']}/{doc.get('imagesTotal', '?')}")
+    loss = sig(doc.get("loss"))
+    if loss is not None:
+        parts.append(f"loss {loss}")
+    latest = doc.get("latestCheckpoint") or doc.get("latest_checkpoint")
+    if isinstance(latest, dict) and latest.get("uuid"):
+        parts.append(f"latest checkpoint {latest['uuid']}")
+    return short("; ".join(parts), 512) or None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class StorageView:
+    """What the poller last read from a resource's run root."""
+
+    progress: dict[str, Any] | None = None  # the raw progress.json
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # manifests (list_checkpoints)
+    error: str | None = None
+    unsupported: str | None = None  # e.g. pvc:// storage the operator cannot read
+
+
+@dataclass
+class Facts:
+    """What the reconcile handler decided about a resource (kept in memory, rebuilt on restart)."""
+
+    kind: str
+    job_name: str
+    generation: int | None = None
+    invalid: str | None = None  # InvalidSpec message: permanent until the spec changes
+    waiting: tuple[str, str] | None = None  # (reason, message) of a grid waiting for a job
+    resolved: list[dict[str, Any]] | None = None  # grid: resolved embeddings
+    notice: tuple[str, str] | None = None  # (reason, message), e.g. a spec change not applied
+    output_uri: str | None = None
+    service_name: str | None = None
+    queue: str | None = None
+    workers: int = 1
+    placement: str = ""  # "gpuClass=A100 region=ORD1 nvidia.com/gpu=2" for messages
+    storage: dict[str, Any] | None = None  # the effective spec.storage (endpoint, addressing style)
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+class Conditions:
+    """metav1.Condition list: lastTransitionTime moves only when the status changes."""
+
+    def __init__(self, old: Iterable[dict[str, Any]] | None, generation: int | None, now: str):
+        self.items: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in old or [] if isinstance(c, dict) and c.get("type")}
+        self.generation = generation
+        self.now = now
+
+    def set(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
+        status = status if isinstance(status, str) else ("True" if status else "False")
+        prev = self.items.get(type_)
+        ltt = prev.get("lastTransitionTime") if prev and prev.get("status") == status and prev.get("lastTransitionTime") else self.now
+        cond = {"type": type_, "status": status, "reason": reason, "message": short(message), "lastTransitionTime": ltt}
+        if self.generation is not None:
+            cond["observedGeneration"] = self.generation
+        self.items[type_] = cond
+
+    def get(self, type_: str) -> dict[str, Any] | None:
+        return self.items.get(type_)
+
+    def is_true(self, type_: str) -> bool:
+        c = self.items.get(type_)
+        return bool(c and c.get("status") == "True")
+
+    def to_list(self) -> list[dict[str, Any]]:
+        order = {t: i for i, t in enumerate(C.ALL)}
+        return sorted(self.items.values(), key=lambda c: (order.get(c["type"], 99), c["type"]))
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def pod_issue(pod: dict[str, Any], placement: str = "") -> tuple[str, str] | None:
+    """Why a pod does not run, with a message a user can act on; None if nothing is wrong yet."""
+    for w in pod.get("waiting", []):
+        reason, msg = w.get("reason", ""), w.get("message", "")
+        if reason == "CreateContainerConfigError" and "secret" in msg.lower():
+            m = re.search(r'secret "([^"]+)" not found', msg, re.I)
+            k = re.search(r"couldn't find key (\S+) in Secret (\S+)", msg, re.I)
+            if k:
+                secret = k.group(2).split("/")[-1]
+                return R.SECRET_MISSING, f"Secret {secret} has no key {k.group(1)}: add the key or fix the reference ({msg})"
+            if m:
+                return R.SECRET_MISSING, f"Secret {m.group(1)} not found: create it in this namespace or fix the reference ({msg})"
+            return R.SECRET_MISSING, f"a referenced Secret or key is missing: {msg}"
+        if reason in IMAGE_PULL_REASONS:
+            return R.IMAGE_PULL_BACK_OFF, f"cannot pull image {w.get('image') or ''}: {reason}: {msg}".strip()
+        if reason == "CreateContainerConfigError":
+            return CONTAINER_CONFIG_ERROR, msg or reason
+    sched = pod.get("scheduled")
+    if pod.get("phase") == "Pending" and sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+        wants = f" (wants {placement})" if placement else ""
+        return R.UNSCHEDULABLE, f"{sched.get('message') or 'no node fits the pod'}{wants}"
+    return None
+
+
+def _latest_termination(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ends = [t for p in pods for t in p.get("terminated", [])]
+    ends.sort(key=lambda t: (t.get("finishedAt") or "", t.get("exitCode") == 0))
+    return ends[-1] if ends else None
+
+
+def _failure_reason(job_reason: str) -> str:
+    return {
+        "BackoffLimitExceeded": R.BACKOFF_LIMIT_EXCEEDED,
+        "DeadlineExceeded": R.DEADLINE_EXCEEDED,
+        "PodFailurePolicy": R.NON_RETRYABLE_EXIT,
+        "MaxFailedIndexesExceeded": R.BACKOFF_LIMIT_EXCEEDED,
+        "FailedIndexes": R.BACKOFF_LIMIT_EXCEEDED,
+    }.get(job_reason, job_reason or R.BACKOFF_LIMIT_EXCEEDED)
+
+
+# --------------------------------------------------------------------------- the status
+
+
+def compute_status(
+    *,
+    kind: str,
+    old: dict[str, Any] | None,
+    generation: int | None,
+    spec: dict[str, Any],
+    facts: Facts,
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    storage: StorageView | None,
+    now: str,
+) -> dict[str, Any]:
+    """The whole status of a resource from what was observed. `old` is the current status."""
+    old = dict(old or {})
+    conds = Conditions(old.get("conditions"), generation, now)
+    st: dict[str, Any] = {}
+    phase = old.get("phase") or "Pending"
+    active_reason = R.TRAINING if kind == TIJOB else R.GENERATING
+    run_policy = spec.get("runPolicy") or {}
+    keep = int((spec.get("training") or {}).get("checkpointsKept", 3) or 3)
+
+    workload = {"jobName": facts.job_name, "configMapName": facts.job_name}
+    if facts.service_name:
+        workload["serviceName"] = facts.service_name
+    st["workload"] = workload
+    if facts.output_uri:
+        st["outputUri"] = facts.output_uri
+    for key in ("startTime", "completionTime", "message"):
+        if old.get(key):
+            st[key] = old[key]
+
+    # ---- storage and termination message: progress and checkpoints
+    term = _latest_termination(pods)
+    term_doc = parse_termination(term.get("message")) if term else None
+    progress = dict(old.get("progress") or {})
+    if storage is not None and storage.progress is not None:
+        progress = normalize_progress(storage.progress, kind) or progress
+    elif term_doc:
+        progress = {**progress, **(normalize_progress(term_doc, kind) or {})}
+    if progress:
+        st["progress"] = progress
+    if kind == TIJOB:
+        sources: list[Iterable[Any]] = [old.get("checkpoints") or []]
+        if old.get("latestCheckpoint"):
+            sources.append([old["latestCheckpoint"]])
+        if storage is not None:
+            sources += [progress_checkpoints(storage.progress), storage.checkpoints]
+        if term_doc:
+            latest = term_doc.get("latestCheckpoint") or term_doc.get("latest_checkpoint")
+            if isinstance(latest, dict):
+                sources.append([latest])
+        cks = merge_checkpoints(keep, *sources)
+        st["checkpoints"] = cks
+        if cks:
+            st["latestCheckpoint"] = cks[-1]
+    else:
+        if facts.resolved is not None:
+            st["resolvedEmbeddings"] = facts.resolved
+        elif old.get("resolvedEmbeddings"):
+            st["resolvedEmbeddings"] = old["resolvedEmbeddings"]
+    if term:
+        text = termination_summary(term.get("message"))
+        if text:
+            st["message"] = text
+
+    # ---- invalid: a permanent error with a condition, not a retry loop
+    if facts.invalid:
+        conds.set(C.ACCEPTED, False, R.INVALID_SPEC, facts.invalid)
+        conds.set(C.RUNNING, False, R.INVALID_SPEC, facts.invalid)
+        conds.set(C.FAILED, True, R.INVALID_SPEC, facts.invalid)
+        st.pop("workload", None)
+        st.update(phase="Failed", conditions=conds.to_list(), observedGeneration=generation)
+        st.setdefault("completionTime", now)
+        return st
+    failed_cond = conds.get(C.FAILED)
+    if failed_cond and failed_cond.get("reason") == R.INVALID_SPEC:
+        # the spec was fixed: the earlier refusal no longer holds
+        conds.set(C.FAILED, False, R.VALID, "the spec is valid now")
+        if phase == "Failed":
+            phase = "Pending"
+            st.pop("completionTime", None)
+    accepted = f"spec accepted; workload: Job {facts.job_name}"
+    if facts.notice:
+        conds.set(C.ACCEPTED, True, facts.notice[0], facts.notice[1])
+    else:
+        conds.set(C.ACCEPTED, True, R.VALID, accepted)
+
+    # ---- a grid waiting for its TextualInversionJob(s)
+    if facts.waiting and job is None:
+        reason, message = facts.waiting
+        conds.set(C.WAITING, True, reason, message)
+        conds.set(C.RUNNING, False, reason, message)
+        st.update(phase="Waiting", conditions=conds.to_list(), observedGeneration=generation)
+        return st
+    if conds.is_true(C.WAITING):
+        done = ", ".join(f"{e.get('job')}@{e.get('checkpoint')}" for e in (facts.resolved or []) if e.get("job"))
+        conds.set(C.WAITING, False, RESOLVED, f"resolved {done}" if done else "embeddings resolved")
+
+    placement = facts.placement
+    if job is None:
+        if phase in TERMINAL:
+            # the finished Job was removed (ttlSecondsAfterFinished): the outcome stays
+            st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
+            return _overlay_storage(st, conds, storage, kind)
+        conds.set(C.RUNNING, False, R.JOB_CREATED, f"creating Job {facts.job_name}")
+        st.update(phase="Pending", conditions=conds.to_list(), observedGeneration=generation)
+        return _overlay_storage(st, conds, storage, kind)
+
+    jc = job.get("conditions") or {}
+
+    def true(t: str) -> dict[str, Any] | None:
+        c = jc.get(t)
+        return c if c and c.get("status") == "True" else None
+
+    if job.get("startTime") and not st.get("startTime"):
+        st["startTime"] = job["startTime"]
+
+    done = true("Complete") or true("SuccessCriteriaMet")
+    failed = true("Failed") or true("FailureTarget")
+    if done:
+        phase = "Succeeded"
+        msg = st.get("message") or f"Job {facts.job_name} completed"
+        conds.set(C.SUCCEEDED, True, R.COMPLETED, msg)
+        conds.set(C.RUNNING, False, R.COMPLETED, msg)
+        if conds.is_true(C.SUSPENDED):
+            conds.set(C.SUSPENDED, False, R.RESUMED, "finished")
+        st["completionTime"] = st.get("completionTime") or job.get("completionTime") or now
+        if kind == GRID and facts.output_uri:
+            st["galleryUri"] = join(facts.output_uri, "images", "index.html")
+            st["indexUri"] = join(facts.output_uri, "images", "index.json")
+    elif failed:
+        phase = "Failed"
+        reason = _failure_reason(failed.get("reason", ""))
+        detail = failed.get("message") or failed.get("reason") or "the Job failed"
+        if term and term.get("exitCode") not in (None, 0):
+            detail = f"{detail}; last exit code {term['exitCode']}"
+        if st.get("message"):
+            detail = f"{detail}: {st['message']}"
+        conds.set(C.FAILED, True, reason, detail)
+        conds.set(C.RUNNING, False, reason, detail)
+        st["completionTime"] = st.get("completionTime") or job.get("completionTime") or now
+    elif job.get("suspend") and (run_policy.get("suspend") or not facts.queue):
+        phase = "Suspended"
+        latest = (st.get("latestCheckpoint") or {}).get("uuid")
+        msg = "suspended: pods deleted, checkpoints kept" + (f" (newest {latest})" if latest else "")
+        msg += "; set spec.runPolicy.suspend=false to resume from the newest checkpoint"
+        conds.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, msg)
+        conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
+    elif job.get("suspend"):
+        phase = "Pending"
+        msg = f"waiting for Kueue to admit the Job in queue {facts.queue}"
+        conds.set(C.RUNNING, False, QUEUED, msg)
+    else:
+        if conds.is_true(C.SUSPENDED):
+            latest = (st.get("latestCheckpoint") or {}).get("uuid")
+            conds.set(C.SUSPENDED, False, R.RESUMED, "resumed" + (f" from checkpoint {latest}" if latest else ""))
+        live = [p for p in pods if p.get("phase") in ("Pending", "Running") and not p.get("deleting")]
+        running = [p for p in live if p.get("phase") == "Running"]
+        issues = [i for i in (pod_issue(p, placement) for p in live if p.get("phase") == "Pending") if i]
+        failed_pods = [p for p in pods if p.get("phase") == "Failed"]
+        if running:
+            phase = "Running"
+            nodes = sorted({p["node"] for p in running if p.get("node")})
+            conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(running)}/{facts.workers} pod(s) running on {', '.join(nodes) or 'nodes'}")
+            if issues:
+                conds.set(C.RUNNING, True, issues[0][0], f"{len(running)}/{facts.workers} workers running; {issues[0][1]}")
+            else:
+                where = progress.get("summary")
+                conds.set(C.RUNNING, True, active_reason, f"{'training' if kind == TIJOB else 'generating'}" + (f": {where}" if where else ""))
+        else:
+            phase = "Pending"
+            if issues:
+                reason, msg = issues[0]
+                if reason == R.UNSCHEDULABLE:
+                    conds.set(C.SCHEDULED, False, reason, msg)
+                else:
+                    conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, "pods bound to nodes")
+                conds.set(C.RUNNING, False, reason, msg)
+            elif live:
+                bound = [p for p in live if p.get("node")]
+                if bound:
+                    conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(bound)} pod(s) on {', '.join(sorted({p['node'] for p in bound}))}")
+                    conds.set(C.RUNNING, False, STARTING, "containers starting")
+                else:
+                    conds.set(C.RUNNING, False, STARTING, "pods waiting for the scheduler")
+            elif failed_pods and (job.get("failed") or 0) > 0:
+                last = termination_summary(term.get("message")) if term else None
+                code = term.get("exitCode") if term else None
+                msg = f"retrying after a pod exited{f' with code {code}' if code is not None else ''}" + (f": {last}" if last else "")
+                msg += "; the retry resumes from the newest checkpoint" if kind == TIJOB else ""
+                conds.set(C.RUNNING, False, RETRYING, msg)
+            else:
+                conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {facts.job_name} created; waiting for its pods")
+    st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
+    return _overlay_storage(st, conds, storage, kind)
+
+
+def _overlay_storage(st: dict[str, Any], conds: Conditions, storage: StorageView | None, kind: str) -> dict[str, Any]:
+    """Storage trouble shows on the Running condition while the workload runs (it keeps running)."""
+    if storage is not None and storage.error and st.get("phase") == "Running":
+        conds.set(C.RUNNING, True, R.STORAGE_UNREACHABLE, f"running, but progress cannot be read: {storage.error}")
+        st["conditions"] = conds.to_list()
+    return st
+
+
+# --------------------------------------------------------------------------- patches and events
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch turning `old` into `new` (None means: no change needed)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        patch: dict[str, Any] = {}
+        for key in old.keys() - new.keys():
+            patch[key] = None
+        for key, value in new.items():
+            if key not in old:
+                patch[key] = value
+            else:
+                sub = merge_patch(old[key], value)
+                if sub is not None:
+                    patch[key] = sub
+        return patch or None
+    return None if old == new else new
+
+
+def _running_reason(status: dict[str, Any]) -> tuple[str, str]:
+    for c in status.get("conditions") or []:
+        if c.get("type") == C.RUNNING:
+            return c.get("reason", ""), c.get("message", "")
+    return "", ""
+
+
+def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Events for a status change: (type Normal|Warning, reason, message) per phase transition,
+    per change of the Running condition's reason, and per newly recorded checkpoint."""
+    old = old or {}
+    events: list[tuple[str, str, str]] = []
+    old_reason, _ = _running_reason(old)
+    new_reason, new_msg = _running_reason(new)
+    if old.get("phase") != new.get("phase") or old_reason != new_reason:
+        reason = new_reason or new.get("phase") or "Unknown"
+        if new.get("phase") == "Failed":
+            reason = next((c.get("reason") for c in new.get("conditions", []) if c.get("type") == C.FAILED), reason)
+        type_ = "Warning" if reason in WARNING_REASONS or new.get("phase") == "Failed" else "Normal"
+        head = f"{old.get('phase') or 'New'} -> {new.get('phase')}" if old.get("phase") != new.get("phase") else str(new.get("phase"))
+        events.append((type_, reason, short(f"{head}: {new_msg}" if new_msg else head, 1000)))
+    known = {c.get("uuid") for c in old.get("checkpoints") or []}
+    if (old.get("latestCheckpoint") or {}).get("uuid"):
+        known.add(old["latestCheckpoint"]["uuid"])
+    for ck in new.get("checkpoints") or []:
+        if ck.get("uuid") not in known:
+            loss = f", loss {ck['loss']}" if ck.get("loss") is not None else ""
+            events.append(("Normal", CHECKPOINT_RECORDED, f"checkpoint {ck['uuid']} at step {ck['step']}{loss}: {ck['uri']}"))
+    for c in new.get("conditions") or []:
+        if c.get("type") == C.ACCEPTED and c.get("reason") == SPEC_CHANGE_PENDING:
+            prev = next((o for o in old.get("conditions") or [] if o.get("type") == C.ACCEPTED), {})
+            if prev.get("reason") != SPEC_CHANGE_PENDING:
+                events.append(("Warning", SPEC_CHANGE_PENDING, c.get("message", "")))
+    return events
+
+
+def new_checkpoints(old: dict[str, Any] | None, new: dict[str, Any]) -> int:
+    known = {c.get("uuid") for c in (old or {}).get("checkpoints") or []}
+    return sum(1 for c in new.get("checkpoints") or [] if c.get("uuid") not in known)
+
+
+def placement_text(spec: dict[str, Any], gpu_label: str = "gpuClass", region_label: str = "region") -> str:
+    r = spec.get("resources") or {}
+    parts = []
+    if r.get("gpuClass"):
+        parts.append(f"{gpu_label}={r['gpuClass']}")
+    if r.get("region"):
+        parts.append(f"{region_label}={r['region']}")
+    if r.get("gpusPerWorker", 1):
+        parts.append(f"{GPU_RESOURCE}={r.get('gpusPerWorker', 1)}")
+    return " ".join(parts)

@@ -1,0 +1,200 @@
+"""``tinv train JOB.yaml`` (also ``python -m tinv.trainer train JOB.yaml``) and helper commands.
+
+    tinv train JOB.yaml [--model SRC] [--storage URI] [--steps N] [--device cpu|cuda]
+                        [--micro-batch N] [--metrics-port P] [--termination-message-path P]
+                        [--fresh] [--no-resume] [--no-validation] [--progress/--no-progress]
+    python -m tinv.trainer samples OUT_DIR [--count 8] [--size 128] [--seed 0]
+    python -m tinv.trainer inspect EMBEDDING_FILE_OR_FOLDER
+    python -m tinv.trainer tiny-model OUT_DIR [--variant tiny|tiny-v]
+
+Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m tinv.trainer train JOB.yaml``.
+
+Exit codes are those of :mod:`tinv.trainer.errors`: 0 ok, 1 internal error, 2 invalid input,
+69 dependency unreachable, 75 pre-empted after a checkpoint (retry resumes), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
+
+log = logging.getLogger("tinv.trainer")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    # transformers/diffusers chatter (e.g. "CLIPImageProcessor requires torchvision") is not for users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "PIL", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinv train",
+        description="Train the concepts of a TextualInversionJob; checkpoints go to spec.storage.uri "
+        "(or ./tinv-runs). Run it again to continue from the newest checkpoint.",
+    )
+    p.add_argument("job", help="the TextualInversionJob YAML (what the operator mounts into the pod)")
+    p.add_argument("--model", help="override spec.model.source (e.g. builtin:tiny, a folder, s3://...)")
+    p.add_argument("--storage", help="override spec.storage.uri")
+    p.add_argument("--steps", type=int, help="override spec.training.steps")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--micro-batch", type=int, help="samples per forward pass (default: a whole step's local samples, halved on OOM)")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TINV_METRICS_PORT", "0")) or None,
+                   help="serve Prometheus /metrics on this port (env TINV_METRICS_PORT)")
+    p.add_argument("--termination-message-path", help="JSON summary written at exit (default: /dev/termination-log when present)")
+    p.add_argument("--fresh", action="store_true", help="delete this run's existing checkpoints and progress, then start over")
+    p.add_argument("--no-resume", action="store_true", help="do not continue from this run's own newest checkpoint")
+    p.add_argument("--no-validation", action="store_true", help="skip validation images")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slower start, faster steps)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="force the progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="plain log lines even on a terminal")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def cmd_train(argv: list[str]) -> int:
+    args = _train_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from .reporting import termination_path, write_termination_message
+
+    term = termination_path(args.termination_message_path)
+
+    def fail(code: int, reason: str, message: str) -> int:
+        print(f"tinv train: {message}", file=sys.stderr)
+        write_termination_message(term, {"state": "failed", "exit_code": code, "reason": reason, "message": message})
+        return code
+
+    try:
+        from tinv.api.validation import InvalidResource, load_resource
+        from tinv.api.storage import StorageError
+
+        try:
+            job = load_resource(args.job)
+        except InvalidResource as e:
+            return fail(EXIT_INVALID, "InvalidSpec", str(e))
+        except OSError as e:
+            return fail(EXIT_INVALID, "InvalidSpec", f"cannot read {args.job}: {e.strerror or e}")
+        if job.kind != "TextualInversionJob":
+            return fail(EXIT_INVALID, "InvalidSpec", f"{args.job} is a {job.kind}; `tinv train` takes a TextualInversionJob")
+
+        from . import storage
+        from .train import Options, train
+
+        if args.fresh:
+            st = storage.Store(storage.S3Settings.from_spec(job.spec.storage))
+            md = job.metadata
+            root = storage.run_root(args.storage or job.spec.storage.uri, md.namespace, md.name or "job", md.uid)
+            log.info("--fresh: deleting %s", root)
+            st.delete_prefix(storage.join(root, storage.CHECKPOINTS_DIR))
+            st.delete(storage.join(root, storage.PROGRESS_FILE))
+        opts = Options(
+            device=args.device,
+            model=args.model,
+            storage=args.storage,
+            steps=args.steps,
+            micro_batch=args.micro_batch,
+            metrics_port=args.metrics_port,
+            termination_path=str(term) if term else None,
+            auto_resume=not args.no_resume,
+            progress_bar=args.progress,
+            validation=not args.no_validation,
+            compile=args.compile,
+            base_dir=os.path.dirname(os.path.abspath(args.job)),
+        )
+        result = train(job, opts)
+    except TinvError as e:
+        return fail(e.exit_code, e.reason, str(e))
+    except StorageError as e:  # object store unreachable, access denied, bucket missing
+        return fail(EXIT_UNAVAILABLE, "StorageUnreachable", str(e))
+    except KeyboardInterrupt:
+        return fail(EXIT_INTERRUPTED, "Interrupted", "interrupted")
+    except Exception as e:  # a bug or a hardware fault: keep the traceback in the log
+        traceback.print_exc()
+        return fail(EXIT_INTERNAL, "InternalError", f"{type(e).__name__}: {e}")
+    write_termination_message(term, result.summary())
+    if result.exit_code == EXIT_OK:
+        latest = result.latest
+        print(
+            f"done: step {result.step}/{result.total_steps}, loss {result.loss if result.loss is None else round(result.loss, 5)}; "
+            f"latest checkpoint {latest.uuid if latest else '-'} at {latest.uri if latest else result.run_uri}",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+def cmd_samples(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinv.trainer samples", description="Draw det-logo sample images.")
+    p.add_argument("out")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from .samples import write_samples
+
+    for path in write_samples(a.out, a.count, a.size, a.seed):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinv.trainer inspect", description="Show the tokens and shapes in an embedding file or checkpoint.")
+    p.add_argument("location")
+    a = p.parse_args(argv)
+    from .formats import read_embeddings
+
+    try:
+        emb = read_embeddings(a.location)
+    except TinvError as e:
+        print(f"inspect: {e}", file=sys.stderr)
+        return e.exit_code
+    for tok, e in emb.items():
+        if isinstance(e, dict):
+            print(tok, {k: tuple(v.shape) for k, v in e.items()})
+        else:
+            print(f"{tok}\t{tuple(e.shape)}\tmean norm {float(e.norm(dim=1).mean()):.4f}")
+    return EXIT_OK
+
+
+def cmd_tiny_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinv.trainer tiny-model", description="Write builtin:tiny as a diffusers folder.")
+    p.add_argument("out")
+    p.add_argument("--variant", default="tiny", choices=["tiny", "tiny-v"])
+    a = p.parse_args(argv)
+    from .tiny import save
+
+    print(save(a.out, f"builtin:{a.variant}"))
+    return EXIT_OK
+
+
+COMMANDS = {"train": cmd_train, "samples": cmd_samples, "inspect": cmd_inspect, "tiny-model": cmd_tiny_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return EXIT_OK if argv else EXIT_INVALID
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        print(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_INVALID
+    return cmd(argv[1:])
