@@ -5,8 +5,9 @@ It lives in tinv.api because it must start with only the base install (no torch,
 tinv.operator, imported only when asked for.
 
 Exit codes: 0 success; 1 the work failed; 2 bad input (invalid resource, bad arguments,
-missing file); 3 a needed extra is not installed; 75 interrupted and checkpointed, retry
-(pre-emption); 130 interrupted by Ctrl-C.
+missing file); 3 a needed extra is not installed; 69 a dependency (model hub, object store)
+is unreachable, retry; 75 interrupted and checkpointed, retry (pre-emption); 130 interrupted
+by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _usage() -> str:
         "",
         "`tinv COMMAND --help` describes each command.",
         "exit codes: 0 ok, 1 failed, 2 bad input, 3 missing extra (pip install 'tinv[trainer]' or 'tinv[operator]'),",
-        "            75 interrupted after a checkpoint (retry to resume), 130 interrupted by Ctrl-C",
+        "            69 model hub or object store unreachable (retryable), 75 interrupted after a checkpoint",
+        "            (retry to resume), 130 interrupted by Ctrl-C",
     ]
     return "\n".join(lines)
 
@@ -138,17 +140,17 @@ def _print_checkpoints(rows: list[dict]) -> None:
     if not rows:
         print("no complete checkpoints yet")
         return
-    print(f"{'UUID':<38} {'STEP':>7} {'LOSS':>9}  {'CREATED':<25} URI")
+    print(f"{'UUID':<38} {'STEP':>7} {'LOSS':>9}  {'CREATED':<28} URI")
     for row in rows:
         loss = row.get("loss")
         loss_text = f"{loss:.4g}" if isinstance(loss, (int, float)) else "-"
         created = row.get("created_at") or row.get("createdAt") or "-"
-        print(f"{row['uuid']:<38} {row['step']:>7} {loss_text:>9}  {created:<25} {row['uri']}")
+        print(f"{row['uuid']:<38} {row['step']:>7} {loss_text:>9}  {created:<28} {row['uri']}")
 
 
 def cmd_run(argv: list[str]) -> int:
     from .models import GenerationGrid
-    from .storage import GALLERY_FILE, IMAGES_DIR, join, list_checkpoints, root_of
+    from .storage import list_checkpoints, root_of
 
     parser = argparse.ArgumentParser(
         prog="tinv run",
@@ -162,10 +164,7 @@ def cmd_run(argv: list[str]) -> int:
         return EXIT_USAGE
     root = root_of(resource)
     if isinstance(resource, GenerationGrid):
-        code = _delegate("generate", [args.file, *rest])
-        if code == EXIT_OK:
-            print(f"gallery: {join(root, IMAGES_DIR, GALLERY_FILE)}")
-        return code
+        return _delegate("generate", [args.file, *rest])  # it prints the gallery's path
     code = _delegate("train", [args.file, *rest])
     if code in (EXIT_OK, 75):
         print(f"run root: {root}")

@@ -55,7 +55,7 @@ class ModelSource(Model):
         description=(
             "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5', a diffusers folder at "
             "s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
-            "model built in code; required."
+            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'); required."
         ),
     )
     revision: str | None = Field(
@@ -76,8 +76,8 @@ class ModelSource(Model):
 
     __cel__ = (
         Rule(
-            "self.source.startsWith('builtin:') ? self.source == 'builtin:tiny' : true",
-            "the only builtin model is 'builtin:tiny'",
+            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:(tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?$') : true",
+            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N'",
             field_path=".source",
         ),
     )

@@ -13,11 +13,16 @@ Layout (DESIGN.md), below a resource's run root `<storage.uri>/<namespace>/<name
 
 progress.json (snake_case keys; the operator copies them into status.progress):
     {"state": "running"|"succeeded"|"failed", "step", "total_steps", "loss", "samples_per_second",
-     "eta_seconds", "updated_at" (RFC 3339), "latest_checkpoint": {"uuid", "step", "uri"} | null}
+     "eta_seconds", "updated_at" (RFC 3339), "latest_checkpoint": {"uuid", "step", "uri"} | null,
+     "stopped": null|"preempted"|"interrupted" (a pre-empted run stays state "running"),
+     "learning_rate", "summary", "epoch", "world_size", "started_at", "checkpoints", "job",
+     "message", "exit_code"}
     and for grids {"images_done", "images_total", "images_per_second", ...}.
 manifest.json of a checkpoint:
     {"uuid", "step", "loss", "created_at" (RFC 3339), "job": {"namespace", "name", "uid"},
-     "tokens": {token: n_vectors}, "files": {file name: sha256}, "hyperparameters": {...}}
+     "tokens": {token: n_vectors}, "files": {file name: sha256}, "hyperparameters": {...},
+     "format", "uri", "total_steps", "model", "concepts", "effective_batch_size", "learning_rate",
+     "world_size", "embedding_width", "resumed_from", "file_sizes", "trainer"}
 
 URIs are `s3://bucket/key`, `file:///abs/path`, `pvc://claim/path` (inside a pod the claim is
 mounted at `$TINV_PVC_ROOT/<claim>`, default /mnt/pvc) or a plain local path. `Store` reads and

@@ -63,8 +63,12 @@ def peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+RESOLUTION: int | None = None  # --resolution override
+
+
 def model_ref(model: str) -> tuple[str, int]:
-    return ("builtin:tiny", 64) if model == "tiny" else ("builtin:sd15-random", 512)
+    ref, res = ("builtin:tiny", 64) if model == "tiny" else ("builtin:sd15-random", 512)
+    return ref, RESOLUTION or res
 
 
 def run_tinv(args) -> dict:
@@ -183,6 +187,7 @@ def rows(args, recipe: str, out: dict) -> list[dict]:
         "accumulation": args.accum,
         "precision": "fp32" if recipe == "naive" else args.precision,
         "compile": bool(args.compile) if recipe == "tinv" else False,
+        "threads": args.threads,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     common = {"config": cfg, "git_revision": git_revision(), "device": device_name(args.device)}
@@ -203,12 +208,23 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=None, help="tinv: samples per forward pass (default: all of a step)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "no"])
     p.add_argument("--compile", action="store_true", help="tinv: torch.compile the UNet")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: 64 for tiny, 512 for sd15)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for both recipes (default: 1 on CPU -- fair and fastest for the tiny model on a shared machine)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps is None:
-        args.steps = 23 if args.device.startswith("cuda") else 13
+        args.steps = 23 if args.device.startswith("cuda") else 33
+    global RESOLUTION
+    RESOLUTION = args.resolution
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if args.threads is None and not args.device.startswith("cuda"):
+        args.threads = 1
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args._child:
         out = run_tinv(args) if args._child == "tinv" else run_naive(args)
         print("RESULT " + json.dumps(out), flush=True)

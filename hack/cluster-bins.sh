@@ -118,13 +118,13 @@ mkdir -p "$BIN"
 # One builder at a time (parallel pytest sessions, make and CI may all call this).
 exec 9>"${BIN}/.lock"
 if command -v flock >/dev/null; then
-  say "waiting for the build lock ${BIN}/.lock" ; flock 9
+  say "taking the build lock ${BIN}/.lock (another build may hold it)"; flock 9
   mapfile -t kube_missing < <(missing "${KUBE_TARGETS[@]}")   # another process may have built them meanwhile
   mapfile -t obj_missing < <(missing "${OBJ_TARGETS[@]}")
 fi
 
 JOBS="${TINV_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-export GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false"
+export GOFLAGS="-mod=readonly -buildvcs=false" GOWORK=off
 export CGO_ENABLED="${CGO_ENABLED:-0}"
 NICE=(); if command -v nice >/dev/null; then NICE=(nice -n 10); fi
 say "using $("$GO" version) (GOPROXY=$("$GO" env GOPROXY)), ${JOBS} parallel jobs, cache ${BIN}"
@@ -164,11 +164,11 @@ if [ "${#kube_missing[@]}" -gt 0 ]; then
     KLD+=" -X $p.gitVersion=$V -X $p.gitMajor=1 -X $p.gitMinor=$KMINOR -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
   KLD+=" -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-  say "building Kubernetes ${KUBE_VERSION} (apiserver, controller-manager, scheduler, kubectl), etcd ${ETCD_VERSION}, KWOK ${KWOK_VERSION}, helm ${HELM_VERSION}; a cold build takes about 25-35 min on 2 cores"
+  say "building Kubernetes ${KUBE_VERSION} (apiserver, controller-manager, scheduler, kubectl), etcd ${ETCD_VERSION}, KWOK ${KWOK_VERSION}, helm ${HELM_VERSION}; a cold build takes 6-10 min on 2 cores"
   build "${ROOT}/hack/kube" "$KLD" "${kube_missing[@]}"
 fi
 if [ "${#obj_missing[@]}" -gt 0 ]; then
-  say "building versitygw ${VGW_VERSION}; a cold build takes a few minutes"
+  say "building versitygw ${VGW_VERSION}; a cold build takes 1-2 min"
   build "${ROOT}/hack/objstore" \
     "-s -w -X main.Version=${VGW_VERSION} -X main.Build=tinv -X main.BuildTime=1970-01-01T00:00:00Z" \
     "${obj_missing[@]}"

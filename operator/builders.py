@@ -147,6 +147,11 @@ def effective(model: Any, config: OperatorConfig) -> Effective:
             raise SpecError("spec.storage.uri: not set, and the operator has no default storage (--storage-uri); set spec.storage.uri")
         storage["uri"] = config.storage_uri
         defaulted.add("storage.uri")
+    if not storage["uri"].startswith(("s3://", "pvc://", "file:///")):
+        raise SpecError(
+            f"spec.storage.uri: {storage['uri']!r} is a local path, which only works with `tinv run`; "
+            "in a cluster use s3://bucket/prefix, pvc://claim/path or file:///absolute/path"
+        )
     if not storage.get("endpoint") and config.storage_endpoint and storage["uri"].startswith("s3://"):
         storage["endpoint"] = config.storage_endpoint
         defaulted.add("storage.endpoint")

@@ -71,10 +71,12 @@ class OperatorConfig:
     poll_workers: int = 16
     api_workers: int = 16
     status_batch_interval: float = 0.5
+    status_min_interval: float = 1.0
     metrics_port: int = 9090
     health_port: int = 8080
     cleanup_retries: int = 5
     cluster_scan: bool = False
+    cluster_wide: bool = False
     log_level: str = "INFO"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -86,18 +88,19 @@ class OperatorConfig:
 
 # flag -> (attribute, environment variable, type, help)
 _FLAGS: list[tuple[str, str, str, Any, str]] = [
-    ("--image", "image", "TINV_IMAGE", str, "trainer image the worker pods run (spec.resources.image overrides)"),
-    ("--image-pull-policy", "image_pull_policy", "TINV_IMAGE_PULL_POLICY", str, "imagePullPolicy of worker pods"),
-    ("--gpu-class", "gpu_class", "TINV_GPU_CLASS", str, "default GPU class (node label value) when a resource names none"),
-    ("--region", "region", "TINV_REGION", str, "default region (node label value) when a resource names none"),
+    ("--image", "image", "TINV_TRAINER_IMAGE", str, "trainer image the worker pods run (spec.resources.image overrides)"),
+    ("--image-pull-policy", "image_pull_policy", "TINV_TRAINER_IMAGE_PULL_POLICY", str, "imagePullPolicy of worker pods"),
+    ("--gpu-class", "gpu_class", "TINV_DEFAULT_GPU_CLASS", str, "default GPU class (node label value) when a resource names none"),
+    ("--region", "region", "TINV_DEFAULT_REGION", str, "default region (node label value) when a resource names none"),
     ("--gpu-class-label", "gpu_class_label", "TINV_GPU_CLASS_LABEL", str, "node label key of the GPU class"),
     ("--region-label", "region_label", "TINV_REGION_LABEL", str, "node label key of the region"),
-    ("--storage-uri", "storage_uri", "TINV_STORAGE_URI", str, "default storage.uri (s3://bucket/prefix, file:///path, pvc://claim/path)"),
-    ("--storage-endpoint", "storage_endpoint", "TINV_S3_ENDPOINT", str, "default S3 endpoint URL"),
-    ("--storage-addressing-style", "storage_addressing_style", "TINV_S3_ADDRESSING_STYLE", str, "default S3 addressing style (auto, path, virtual)"),
-    ("--storage-region", "storage_region", "TINV_S3_REGION", str, "default S3 region name"),
-    ("--storage-secret", "storage_secret", "TINV_STORAGE_SECRET", str, "default Secret with S3 credentials for pods (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
+    ("--storage-uri", "storage_uri", "TINV_DEFAULT_STORAGE_URI", str, "default storage.uri (s3://bucket/prefix, file:///path, pvc://claim/path)"),
+    ("--storage-endpoint", "storage_endpoint", "TINV_DEFAULT_STORAGE_ENDPOINT", str, "default S3 endpoint URL"),
+    ("--storage-addressing-style", "storage_addressing_style", "TINV_DEFAULT_ADDRESSING_STYLE", str, "default S3 addressing style (auto, path, virtual)"),
+    ("--storage-region", "storage_region", "TINV_DEFAULT_STORAGE_REGION", str, "default S3 region name"),
+    ("--storage-secret", "storage_secret", "TINV_DEFAULT_STORAGE_SECRET", str, "default Secret with S3 credentials for pods (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
     ("--hf-token-secret", "hf_token_secret", "TINV_HF_TOKEN_SECRET", str, "default Secret with a Hugging Face token for pods, NAME or NAME:KEY (key default 'token')"),
+    ("--hf-token-key", "hf_token_key", "TINV_HF_TOKEN_KEY", str, "key of the Hugging Face token in that Secret"),
     ("--model-cache-claim", "model_cache_claim", "TINV_MODEL_CACHE_CLAIM", str, "default PersistentVolumeClaim mounted as the model cache"),
     ("--worker-service-account", "worker_service_account", "TINV_WORKER_SERVICE_ACCOUNT", str, "ServiceAccount of worker pods (its token is never mounted)"),
     ("--run-as-user", "run_as_user", "TINV_RUN_AS_USER", int, "uid (and gid) worker pods run as"),
@@ -140,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
                    help="copy the resource's annotations with this key prefix to its pods; repeatable [TINV_POD_ANNOTATION_PREFIXES]")
     p.add_argument("--no-gpu-toleration", action="store_true", default=None,
                    help="do not add the toleration nvidia.com/gpu:NoSchedule to GPU pods [TINV_NO_GPU_TOLERATION]")
+    p.add_argument("--cluster-wide", action="store_true", default=None,
+                   help="watch every namespace (needs a ClusterRole) instead of --namespace [TINV_CLUSTER_WIDE]")
     p.add_argument("--cluster-scan", action="store_true", default=None,
                    help="let kopf watch namespaces and CRDs cluster-wide (needs cluster RBAC) [TINV_CLUSTER_SCAN]")
     return p
@@ -166,8 +171,12 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
     values["pod_annotation_prefixes"] = tuple(args.pod_annotation_prefixes or _split(env.get("TINV_POD_ANNOTATION_PREFIXES")))
     if args.no_gpu_toleration or _truthy(env.get("TINV_NO_GPU_TOLERATION")):
         values["gpu_toleration"] = False
+    if args.cluster_wide or _truthy(env.get("TINV_CLUSTER_WIDE")):
+        values["cluster_wide"] = True
     if args.cluster_scan or _truthy(env.get("TINV_CLUSTER_SCAN")):
         values["cluster_scan"] = True
+    if values.get("log_level"):
+        values["log_level"] = str(values["log_level"]).upper()
     hf = values.get("hf_token_secret")
     if hf and ":" in hf:
         values["hf_token_secret"], values["hf_token_key"] = hf.split(":", 1)

@@ -138,6 +138,7 @@ class Controller:
         self.final_sweeps: dict[Key, int] = {}
         self.missing_since: dict[Key, float] = {}
         self.job_owner: dict[tuple[str, str], Key] = {}
+        self.last_write: dict[Key, float] = {}
         self.dirty: set[Key] = set()
         self.inflight: set[Key] = set()
         self.ready = False
@@ -229,6 +230,7 @@ class Controller:
                 self.job_owner.pop((key[1], facts.job_name), None)
             self.storage.pop(key, None)
             self.written.pop(key, None)
+            self.last_write.pop(key, None)
             self.final_sweeps.pop(key, None)
             self.missing_since.pop(key, None)
             self.dirty.discard(key)
@@ -266,10 +268,11 @@ class Controller:
         storage_doc = spec.storage.to_doc()
         facts.output_uri = run_root(spec.storage.uri, ns, name, uid)
         facts.storage = storage_doc
+        facts.spec_hash = eff.spec_hash
         facts.queue = spec.resources.queue_name
         facts.workers = spec.resources.workers
         facts.service_name = job_name if B.needs_service(kind, eff.model) else None
-        facts.placement = placement_text(spec.resources.to_doc(), self.config.gpu_class_label, self.config.region_label)
+        facts.placement = placement_text({"resources": spec.resources.to_doc()}, self.config.gpu_class_label, self.config.region_label)
         status = body.get("status") or {}
         job = self.job(ns, job_name, uid)
         resolved = None
@@ -382,6 +385,12 @@ class Controller:
         finished = any((job.get("conditions") or {}).get(t, {}).get("status") == "True" for t in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"))
         if finished:
             return None
+        if job.get("specHash") and job["specHash"] != eff.spec_hash and job.get("suspend") and not job.get("active"):
+            # suspended and its pods gone: replace the Job; the new one resumes from the newest checkpoint
+            self.kube.delete(path, "Background")
+            with self._lock:
+                self.created_jobs.pop((ns, job["name"]), None)
+            raise Retry(f"spec changed while suspended: replacing Job {job['name']}", 2)
         want = bool(model.spec.run_policy.suspend)
         suspended_by_us = any(c.get("type") == C.SUSPENDED and c.get("status") == "True" for c in status.get("conditions") or [])
         patch: dict[str, Any] = {}
@@ -405,16 +414,11 @@ class Controller:
                     raise
                 notice = (_spec_change_pending(), f"run policy change not applied to Job {job['name']}: {short(err.message, 300)}")
         if job.get("specHash") and job["specHash"] != eff.spec_hash:
-            if job.get("suspend") and not job.get("active"):
-                # suspended: safe to replace the Job; the new one resumes from the newest checkpoint
-                self.kube.delete(path, "Background")
-                with self._lock:
-                    self.created_jobs.pop((ns, job["name"]), None)
-                raise Retry(f"spec changed while suspended: replacing Job {job['name']}", 2)
             notice = (
                 _spec_change_pending(),
                 "spec changed after the Job started (resources or grid settings); the running Job keeps its pod spec. "
-                "Suspend (spec.runPolicy.suspend: true) and resume to apply it: the workload continues from the newest checkpoint",
+                "Suspend (spec.runPolicy.suspend: true) to apply it: the Job is replaced once its pods are gone, "
+                "and the workload continues from the newest checkpoint",
             )
         return notice
 
@@ -475,6 +479,7 @@ class Controller:
         if not patch:
             return
         kind, ns, name = key
+        log.debug("status of %s %s/%s: %s", kind, ns, name, patch)
         try:
             resp = self.kube.merge_patch(path_for(kind, ns, name, "status"), {"status": patch})
         except ApiError as err:
@@ -527,9 +532,14 @@ class Controller:
             await asyncio.sleep(self.config.status_batch_interval)  # coalesce a burst of events
             if not self.ready:
                 continue
+            soon = time.monotonic() - self.config.status_min_interval
             with self._lock:
-                batch = self.dirty - self.inflight
+                batch = {k for k in self.dirty - self.inflight if self.last_write.get(k, 0.0) <= soon}
                 self.dirty -= batch
+                deferred = bool(self.dirty - self.inflight)
+            if deferred:
+                # written less than status_min_interval ago: coalesce further changes into one write
+                loop.call_later(self.config.status_min_interval, self._wake.set)
             now = now_rfc3339()
             for key in batch:
                 try:
@@ -544,6 +554,7 @@ class Controller:
                     continue
                 with self._lock:
                     self.inflight.add(key)
+                    self.last_write[key] = time.monotonic()
                 fut = loop.run_in_executor(self.api_pool, self.write_status, key, body, old, new)
                 fut.add_done_callback(lambda f, key=key: self._written(key, f))
 
@@ -636,6 +647,9 @@ class Controller:
                         self._schedule_reconcile(key)
                 else:
                     self.missing_since.pop(key, None)
+                    job = self.job(key[1], facts.job_name, uid)
+                    if job and job.get("suspend") and not job.get("active") and job.get("specHash") not in (None, facts.spec_hash):
+                        self._schedule_reconcile(key)  # a pending spec change can be applied now
         for kind in (B.TIJOB, B.GRID):
             for phase in ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed"):
                 self.metrics.resources.labels(kind, phase).set(counts.get((kind, phase), 0))

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or bad flags (2)
         return int(exc.code or 0)
-    if not config.namespaces:
+    if not config.namespaces and not config.cluster_wide:
         print("tinv operator: no namespace to watch: pass --namespace NS (or set TINV_NAMESPACES / POD_NAMESPACE)", file=sys.stderr)
         return 2
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kopf.run(
             registry=registry,
-            namespaces=list(config.namespaces),
+            clusterwide=config.cluster_wide,
+            namespaces=[] if config.cluster_wide else list(config.namespaces),
             standalone=True,
             liveness_endpoint=liveness,
         )

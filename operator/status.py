@@ -308,6 +308,7 @@ class Facts:
     workers: int = 1
     placement: str = ""  # "gpuClass=A100 region=ORD1 nvidia.com/gpu=2" for messages
     storage: dict[str, Any] | None = None  # the effective spec.storage (endpoint, addressing style)
+    spec_hash: str = ""  # what the Job should carry in its tinv.io/spec-hash annotation
 
 
 # --------------------------------------------------------------------------- conditions
@@ -367,6 +368,16 @@ def pod_issue(pod: dict[str, Any], placement: str = "") -> tuple[str, str] | Non
         wants = f" (wants {placement})" if placement else ""
         return R.UNSCHEDULABLE, f"{sched.get('message') or 'no node fits the pod'}{wants}"
     return None
+
+
+def _terminated_config_error(term: dict[str, Any] | None) -> tuple[str, str] | None:
+    """A container that could not start because of its configuration, reported as a termination
+    (some node agents finish the pod instead of leaving it waiting)."""
+    message = (term or {}).get("message") or ""
+    if "CreateContainerConfigError" not in message:
+        return None
+    text = message.split("CreateContainerConfigError", 1)[1].lstrip(": ")
+    return pod_issue({"waiting": [{"reason": "CreateContainerConfigError", "message": text}]}) or (CONTAINER_CONFIG_ERROR, text)
 
 
 def _latest_termination(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -527,7 +538,8 @@ def compute_status(
         if st.get("message"):
             detail = f"{detail}: {st['message']}"
         conds.set(C.FAILED, True, reason, detail)
-        conds.set(C.RUNNING, False, reason, detail)
+        config_error = _terminated_config_error(term)
+        conds.set(C.RUNNING, False, config_error[0] if config_error else reason, config_error[1] if config_error else detail)
         st["completionTime"] = st.get("completionTime") or job.get("completionTime") or now
     elif job.get("suspend") and (run_policy.get("suspend") or not facts.queue):
         phase = "Suspended"
@@ -578,7 +590,11 @@ def compute_status(
                 code = term.get("exitCode") if term else None
                 msg = f"retrying after a pod exited{f' with code {code}' if code is not None else ''}" + (f": {last}" if last else "")
                 msg += "; the retry resumes from the newest checkpoint" if kind == TIJOB else ""
-                conds.set(C.RUNNING, False, RETRYING, msg)
+                config_error = _terminated_config_error(term)
+                if config_error:
+                    conds.set(C.RUNNING, False, config_error[0], config_error[1])
+                else:
+                    conds.set(C.RUNNING, False, RETRYING, msg)
             else:
                 conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {facts.job_name} created; waiting for its pods")
     st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
@@ -627,7 +643,8 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[s
     events: list[tuple[str, str, str]] = []
     old_reason, _ = _running_reason(old)
     new_reason, new_msg = _running_reason(new)
-    if old.get("phase") != new.get("phase") or old_reason != new_reason:
+    phase_changed = old.get("phase") != new.get("phase")
+    if phase_changed or (old_reason != new_reason and (new_reason in WARNING_REASONS or old_reason in WARNING_REASONS)):
         reason = new_reason or new.get("phase") or "Unknown"
         if new.get("phase") == "Failed":
             reason = next((c.get("reason") for c in new.get("conditions", []) if c.get("type") == C.FAILED), reason)

@@ -21,6 +21,10 @@ import os
 import sys
 import traceback
 
+# The trainer extra: without it this import fails, and tinv.api.cli answers with exit code 3 and
+# "pip install 'tinv[trainer]'" instead of a traceback.
+import torch  # noqa: F401
+
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
 
 log = logging.getLogger("tinv.trainer")

@@ -110,7 +110,7 @@ class Dataset:
     tokens: list[str]  # per concept
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.names)  # pixels are dropped once the latents are cached
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

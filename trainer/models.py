@@ -220,6 +220,7 @@ def fetch_hub(repo_id: str, revision: str | None, variant: str | None, token: st
     if offline:
         raise UnavailableError(
             f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set"
+            f" (if you meant a local folder: ./{repo_id} does not exist)"
         )
     probe_hub()
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "20")

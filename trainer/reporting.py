@@ -113,13 +113,36 @@ class Reporter:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total_steps, desc="tinv train", unit="step", dynamic_ncols=True)
+                try:
+                    cols = os.get_terminal_size(sys.stderr.fileno()).columns
+                except OSError:
+                    cols = 0
+                # a pty with no size (CI runners, `script`) reports 0 columns: tqdm would draw nothing
+                size = {"dynamic_ncols": True} if cols > 0 else {"ncols": 100, "nrows": 40}
+                self.bar = tqdm(total=total_steps, desc="tinv train", unit="step", **size)
+                self._route_logs_through(tqdm)
             except Exception:
                 self.bar = None
         if tensorboard:
             self._open_tensorboard()
         if metrics_port:
             self._serve_metrics(metrics_port)
+
+    def _route_logs_through(self, tqdm) -> None:
+        """Log records go through tqdm.write while the bar is up, so lines never break it."""
+        root = logging.getLogger()
+        self._swapped = []
+        for h in list(root.handlers):
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr:
+
+                class _Through(logging.Handler):
+                    def emit(self, record, _fmt=h.formatter):
+                        tqdm.write((_fmt or logging.Formatter()).format(record), file=sys.stderr)
+
+                new = _Through(h.level)
+                root.removeHandler(h)
+                root.addHandler(new)
+                self._swapped.append((h, new))
 
     # ------------------------------------------------------------------ sinks
     def _open_tensorboard(self) -> None:
@@ -300,6 +323,10 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            root = logging.getLogger()
+            for old, new in getattr(self, "_swapped", []):
+                root.removeHandler(new)
+                root.addHandler(old)
         if self.tb is not None:
             self.sync_tensorboard()
             self.tb.close()

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import re
 from pathlib import Path
-
-import torch
 
 TINY_RESOLUTION = 64  # what examples and tests train at: the VAE downsamples 8x -> 8x8 latents
 
@@ -175,6 +172,7 @@ def parse_ref(ref: str) -> tuple[str, int]:
 
 def build(ref: str = "builtin:tiny") -> dict:
     """The components of a tiny SD as a dict (tokenizer, text_encoder, vae, unet, scheduler)."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -250,6 +248,7 @@ def build_sd15_random(seed: int = 0, device: str | None = None) -> dict:
     weights, for benchmarks only (``builtin:sd15-random``; not an API model source). The tokenizer
     is the tiny BPE one; the text encoder keeps CLIP's 49,408-row table. Built directly on
     `device` (default: CUDA when available) because initialising 1.1B parameters on a CPU is slow."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -87,6 +87,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owned: bool = False  # we initialised the process group, so we tear it down
 
     @classmethod
     def init(cls, device_kind: str) -> "Dist":
@@ -95,10 +96,14 @@ class Dist:
             return cls()
         import torch.distributed as dist
 
+        owned = False
         if not dist.is_initialized():
             backend = "nccl" if device_kind == "cuda" else "gloo"
+            if device_kind == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend=backend)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            owned = True
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -387,6 +392,7 @@ def train(job, opts: Options | None = None) -> Result:
     move(bundle.vae, device, torch.float32)  # encode once in fp32; cast for decoding later
     flips = T.flip_p > 0
     lat_mean, lat_std = encode_latents(bundle, ds, device, flips, dist)
+    ds.pixels = []  # the cache replaces them; at 512 px they would hold 0.8 MB per image
     move(bundle.vae, device, dtype)
     move(bundle.unet, device, dtype)
     move(slot.encoder, device, dtype)
@@ -398,6 +404,12 @@ def train(job, opts: Options | None = None) -> Result:
         bundle.unet.set_attn_processor(AttnProcessor2_0())
     except Exception:  # pragma: no cover - diffusers moved it
         pass
+    if os.environ.get("TINV_FUSE_QKV", "1" if device.type == "cuda" else "0") == "1":
+        # One matmul for q/k/v (self-attention) and k/v (cross-attention): fewer, larger GEMMs.
+        try:
+            bundle.unet.fuse_qkv_projections()
+        except Exception as e:  # noqa: BLE001 - an unusual attention layout: keep the plain one
+            log.debug("fused QKV projections unavailable: %s", e)
     unet_fwd = torch.compile(bundle.unet) if opts.compile else bundle.unet
 
     # 4. The new vectors, possibly from a checkpoint.
@@ -602,7 +614,13 @@ def train(job, opts: Options | None = None) -> Result:
         if not (rank0 and opts.validation and val.prompts):
             return
         t0 = time.monotonic()
-        arrays = generate(bundle, vocab, val.prompts, val.negative_prompt, val.scheduler, val.steps, val.guidance_scale, val.seed, T.resolution, device, dtype)
+        try:
+            arrays = generate(bundle, vocab, val.prompts, val.negative_prompt, val.scheduler, val.steps, val.guidance_scale, val.seed, T.resolution, device, dtype)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # images are a view on training, never a reason to lose it
+            log.warning("validation images at step %d failed (%s: %s); training goes on", step, type(e).__name__, e)
+            return
         reporter.images("validation", arrays, step)
         log.info("validation images at step %d (%.1fs)", step, time.monotonic() - t0)
 
@@ -735,6 +753,8 @@ def train(job, opts: Options | None = None) -> Result:
         throughput=timed["steps"] * G / timed["t"] if timed["t"] > 0 else None,
     )
     dist.barrier()
+    if dist.owned:
+        dist.close()
     return result
 
 

@@ -171,7 +171,9 @@ def grid(name: str, job: str | None = None, checkpoint: str = "latest", *, worke
             "model": {"source": "builtin:tiny"},
             "embeddings": embeddings,
             "prompts": ["a photo of a det-logo"],
-            "grid": {"guidanceScales": [2, 4], "seeds": [1, 2]},
+            # every axis spelled out: the generated CRD does not default list fields yet
+            "grid": {"guidanceScales": [2, 4], "steps": [20], "schedulers": ["ddim"], "seeds": [1, 2],
+                     "sizes": [{"width": 512, "height": 512}]},
             "resources": res,
         },
     }
@@ -240,3 +242,116 @@ def wait(cp: Any, predicate, timeout: float = 60, what: str = "condition", op: O
 
 def elapsed(t0: float) -> float:
     return round(time.monotonic() - t0, 2)
+
+
+def apply_crds(cp: Any) -> list[str]:
+    """Apply deploy/crds; if the apiserver refuses the GenerationGrid CRD because a nested default
+    object fails its own CEL rule (`grid: default {}` vs "every grid axis needs at least one
+    value"), apply a copy whose `grid` default is the fully defaulted object instead (a test-side
+    workaround until tinv.api.crdgen emits it; the refusal is reported, not hidden)."""
+    import tempfile
+
+    import yaml
+    from harness.controlplane import CRD_DIR, CrdApplyError
+
+    from harness import KubectlError
+
+    try:
+        for attempt in range(5):
+            try:
+                return cp.apply_crds()
+            except KubectlError as err:
+                # `kubectl wait --for=condition=Established` right after the apply can fail with
+                # ".status.conditions accessor error" before the CRD has a status: try again
+                if "accessor error" not in str(err) or attempt == 4:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+    except CrdApplyError as err:
+        bad = [f for f in err.errors if "generationgrids" in f]
+        if not bad or set(err.errors) != set(bad):
+            raise
+        from tinv.api.models import GridAxes
+
+        doc = yaml.safe_load((CRD_DIR / bad[0]).read_text())
+        spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        spec["properties"]["grid"]["default"] = GridAxes().to_doc()
+        tmp = Path(tempfile.mkdtemp(prefix="tinv-crd-"))
+        (tmp / bad[0]).write_text(yaml.safe_dump(doc))
+        for attempt in range(5):
+            try:
+                cp.apply_crds(tmp)
+                break
+            except KubectlError as again:
+                if "accessor error" not in str(again) or attempt == 4:
+                    raise
+                time.sleep(0.5)
+        print(f"WARNING: {err}; applied a patched copy (grid default filled in)", file=sys.stderr)
+        return [*err.applied, doc["metadata"]["name"]]
+
+
+# --------------------------------------------------------------------------- pytest fixtures
+
+import pytest  # noqa: E402
+
+
+class OpEnv:
+    """A namespace, a file:// storage root and a running operator for it."""
+
+    def __init__(self, cp: Any, ns: str, store: Path, op: OperatorProcess):
+        self.cp, self.ns, self.store, self.op = cp, ns, store, op
+        self.storage_uri = f"file://{store}"
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.cp.create(manifest, self.ns)
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return get(self.cp, kind, self.ns, name)
+
+    def status(self, kind: str, name: str) -> dict[str, Any]:
+        return self.get(kind, name).get("status") or {}
+
+    def wait(self, predicate, timeout: float = 60, what: str = "condition"):
+        return wait(self.cp, predicate, timeout, what, self.op)
+
+    def wait_status(self, kind: str, name: str, check, timeout: float = 60, what: str = "status"):
+        """Wait until check(status) is truthy; return the object."""
+        def ready():
+            obj = self.get(kind, name)
+            return obj if check(obj.get("status") or {}) else None
+        return self.wait(ready, timeout, f"{kind} {name}: {what}")
+
+    def root(self, obj: dict[str, Any]) -> Path:
+        return run_root(self.storage_uri, obj)
+
+    def pods(self, job: str) -> list[dict[str, Any]]:
+        return job_pods(self.cp, self.ns, job)
+
+    def running_pods(self, job: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods(job) if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items = self.cp.get_json("events", "-n", self.ns, "--field-selector", f"involvedObject.name={name}")["items"]
+        return sorted(items, key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]))
+
+    def patch(self, kind: str, name: str, patch: dict[str, Any], check: bool = True):
+        return self.cp.kubectl("patch", kind, name, "-n", self.ns, "--type=merge", "-p", json.dumps(patch), check=check)
+
+
+def make_env(cp: Any, tmp_factory: Any, prefix: str, extra: list[str] | None = None, poll_interval: float = 1.0) -> OpEnv:
+    if cp.missing_components or not cp.nodes:
+        pytest.skip(f"needs the full harness (missing: {', '.join(cp.missing_components) or 'KWOK nodes'})")
+    apply_crds(cp)
+    ns = cp.new_namespace(prefix)
+    store = tmp_factory.mktemp(f"{prefix}-store")
+    op = OperatorProcess(cp, [ns], tmp_factory.mktemp(f"{prefix}-operator"), storage_uri=f"file://{store}",
+                         poll_interval=poll_interval, extra=extra).start()
+    return OpEnv(cp, ns, store, op)
+
+
+def close_env(env: OpEnv, request: Any = None) -> None:
+    env.op.stop()
+    failed = request is not None and getattr(request.node, "rep_failed", False)
+    if failed or os.environ.get("TINV_OPERATOR_LOGS"):
+        print(env.op.logs(200), file=sys.stderr)
+    env.cp.delete_namespace(env.ns)

@@ -34,8 +34,8 @@ def test_warm_start_up_is_quick(control_plane):
     cp = control_plane
     if cp.existing:
         pytest.skip("nothing was started")
-    # The requirement is < 30 s from a warm cache; allow slack for a machine busy with other tests.
-    limit = float(os.environ.get("TINV_MAX_STARTUP_SECONDS", "45"))
+    # < 30 s from a warm cache (typically 8-10 s); TINV_MAX_STARTUP_SECONDS loosens it on a slow machine
+    limit = float(os.environ.get("TINV_MAX_STARTUP_SECONDS", "30"))
     assert cp.startup_seconds < limit, cp.timings
 
 
@@ -95,3 +95,56 @@ def test_helm_installs_a_chart(control_plane, namespace, tmp_path):
     assert "p1" in cp.helm("list", "-n", ns, "-q").stdout
     cp.helm("uninstall", "p1", "-n", ns, "--wait")
     assert cp.kubectl("get", "configmap", "p1-probe", "-n", ns, check=False).returncode != 0
+
+
+def test_the_machines_kubectl_uses_the_kubeconfig_too(control_plane):
+    import shutil
+    import subprocess
+
+    system = shutil.which("kubectl", path=os.defpath + ":/usr/local/bin")
+    if not system or os.path.realpath(system) == os.path.realpath(control_plane.kubectl_path):
+        pytest.skip("no other kubectl on this machine")
+    out = subprocess.run([system, "--kubeconfig", control_plane.kubeconfig, "get", "nodes", "-o", "name"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "node/" in out.stdout or not control_plane.nodes
+
+
+def test_kopf_runs_against_the_kubeconfig(control_plane, namespace, tmp_path):
+    """The operator's framework logs in with the harness kubeconfig (client certificates) and reacts."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("kopf")
+    cp, ns = control_plane, namespace
+    op = tmp_path / "probe_operator.py"
+    op.write_text(textwrap.dedent("""\
+        import kopf
+
+        @kopf.on.startup()
+        def configure(settings, **_):
+            settings.watching.server_timeout = 10
+            settings.posting.enabled = False
+
+        @kopf.on.create("configmaps", labels={"tinv-probe": "yes"})
+        def created(patch, **_):
+            patch.metadata.annotations["tinv.io/seen-by"] = "kopf"
+        """))
+    log = open(tmp_path / "kopf.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", f"--namespace={ns}", str(op)],
+                            env=cp.env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        cp.create({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "probe", "labels": {"tinv-probe": "yes"}}}, ns)
+        cp.wait_for(lambda: (cp.get_json("configmap", "probe", "-n", ns)["metadata"].get("annotations") or {})
+                    .get("tinv.io/seen-by") == "kopf", 60, what="kopf to annotate the ConfigMap")
+    except TimeoutError:
+        log.flush()
+        pytest.fail("kopf did not react:\n" + (tmp_path / "kopf.log").read_text()[-3000:])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

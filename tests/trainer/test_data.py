@@ -85,3 +85,16 @@ def test_captions_templates_and_crop(tmp_path):
     assert ds.prompt(0, 29) == "a det-logo on a pink background"
     assert len(data.templates_for("style", None)) == 19
     assert data.templates_for("object", ["{} in space"]) == ["{} in space"]
+
+
+def test_images_from_pvc_and_file_uris(tmp_path, monkeypatch):
+    d = tmp_path / "claims" / "data-claim" / "sets" / "logo"
+    d.mkdir(parents=True)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(d / "a.png")
+    monkeypatch.setenv("TINV_PVC_ROOT", str(tmp_path / "claims"))
+    assert data.materialise("pvc://data-claim/sets/logo") == d
+    assert data.materialise(f"file://{d}") == d
+    ds = data.build_dataset([_concept("pvc://data-claim/sets/logo")], 64, False, "nearest")
+    assert len(ds) == 1
+    # a relative path falls back to the job file's folder
+    assert data.materialise("logo", base_dir=d.parent) == d

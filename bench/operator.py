@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Operator scale: N TextualInversionJobs in one namespace on the real test control plane.
+
+    python bench/operator.py --n 100 --n 1000            # one control plane per N
+    python bench/operator.py --n 1000 --pods suspended   # Jobs created suspended: no pods at all
+    python bench/operator.py --n 100 --record            # also append the rows to bench/results/operator.jsonl
+
+For each N: start the harness (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes),
+apply the CRDs, start `tinv operator` as a subprocess, create N resources as fast as the client can,
+then measure
+
+* ``operator_jobs_created_seconds``: from the first create until every child Job exists;
+* ``operator_status_running_seconds`` (``--pods run``): until every resource's status has a phase
+  from its pods (Running, or Pending with the scheduler's reason when the GPUs are all taken);
+* ``operator_checkpoints_in_status_seconds``: after a checkpoint (manifest.json) and progress.json
+  are written to every resource's file:// run root, until every status shows that checkpoint;
+* ``operator_cpu_seconds`` and ``operator_peak_rss_mib`` of the operator process (/proc);
+* ``operator_api_requests_per_resource``: the operator's own client requests (its
+  tinv_operator_api_requests_total) plus kopf's requests on the tinv resources (the apiserver's
+  apiserver_request_total for textualinversionjobs, which only the operator and this script touch;
+  the script's N creates are subtracted), divided by N.
+
+One JSON line per result: {"name", "value", "unit", "config", "git_revision", "device"}.
+Targets (the operator issue): 1,000 Jobs in < 60 s, operator memory < 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "cluster")]
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return (rev or "unknown") + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def device() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores (shared with the control plane)"
+
+
+class ProcWatch:
+    """CPU seconds and peak RSS of a process, sampled from /proc (peak also from VmHWM)."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid = pid
+        self.peak_kib = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            text = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return
+        for key in ("VmHWM", "VmRSS"):
+            m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+            if m:
+                self.peak_kib = max(self.peak_kib, int(m.group(1)))
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            self._read()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def close(self) -> None:
+        self._read()
+        self.stop.set()
+
+
+def apiserver_requests(cp, resource: str) -> dict[str, float]:
+    """apiserver_request_total for one resource, by verb (all subresources)."""
+    text = cp.kubectl("get", "--raw", "/metrics").stdout
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and f'resource="{resource}"' in line:
+            verb = re.search(r'verb="([^"]+)"', line).group(1)
+            sub = re.search(r'subresource="([^"]*)"', line)
+            key = f"{verb}{'/' + sub.group(1) if sub and sub.group(1) else ''}"
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def run_one(n: int, args) -> list[dict]:
+    from harness import ControlPlane
+    from operator_helpers import OperatorProcess, apply_crds, metric_value, run_root, tijob, write_checkpoint, write_progress
+
+    rows: list[dict] = []
+    config = {"n": n, "pods": args.pods, "poll_interval_s": args.poll_interval, "api_workers": args.api_workers,
+              "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)"}
+
+    def row(name: str, value: float, unit: str) -> None:
+        r = {"name": name, "value": round(value, 3), "unit": unit, "config": config, "git_revision": git_revision(), "device": device()}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="tinv-bench-op-"))
+    store = work / "store"
+    store.mkdir()
+    with ControlPlane() as cp:
+        apply_crds(cp)
+        ns = cp.new_namespace("bench")
+        op = OperatorProcess(cp, [ns], work / "operator", storage_uri=f"file://{store}", poll_interval=args.poll_interval,
+                             extra=["--api-workers", str(args.api_workers), "--log-level", "WARNING"]).start()
+        watch = ProcWatch(op.proc.pid)
+        try:
+            # wait for the operator to be up (metrics endpoint answers)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    op.metrics()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or not op.alive():
+                        raise RuntimeError(f"operator did not start:\n{op.logs()}")
+                    time.sleep(0.2)
+            cpu0 = watch.cpu_seconds()
+            tijob_req0 = apiserver_requests(cp, "textualinversionjobs")
+            from kubernetes import client
+
+            api = client.CustomObjectsApi(cp.api_client())
+            suspend = {"suspend": True} if args.pods == "suspended" else None
+
+            def create(i: int) -> dict:
+                body = tijob(f"bench-{i:05d}", gpu_class=None, region=None, run_policy=suspend)
+                return api.create_namespaced_custom_object("tinv.io", "v1alpha1", ns, "textualinversionjobs", body)
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(8) as pool:
+                created = list(pool.map(create, range(n)))
+            create_s = time.monotonic() - t0
+            row("operator_resources_created_by_client_seconds", create_s, "s")
+            batch = client.BatchV1Api(cp.api_client())
+
+            def count_jobs() -> int:
+                resp = batch.list_namespaced_job(ns, label_selector="app.kubernetes.io/managed-by=tinv-operator", _preload_content=False)
+                return len(json.loads(resp.data)["items"])
+
+            def list_tijobs() -> list[dict]:
+                resp = api.list_namespaced_custom_object("tinv.io", "v1alpha1", ns, "textualinversionjobs")
+                return resp["items"]
+
+            while count_jobs() < n:
+                if time.monotonic() - t0 > args.timeout:
+                    raise RuntimeError(f"only {count_jobs()}/{n} Jobs after {args.timeout} s\n{op.logs()}")
+                time.sleep(0.25)
+            row("operator_jobs_created_seconds", time.monotonic() - t0, "s")
+
+            want = {"Suspended"} if args.pods == "suspended" else {"Running", "Pending"}
+            while True:
+                items = list_tijobs()
+                done = 0
+                for it in items:
+                    st = it.get("status") or {}
+                    reason = next((c.get("reason") for c in st.get("conditions") or [] if c.get("type") == "Running"), None)
+                    if st.get("phase") in want and reason not in (None, "JobCreated", "Starting"):
+                        done += 1
+                if done >= n:
+                    break
+                if time.monotonic() - t0 > args.timeout:
+                    raise RuntimeError(f"only {done}/{n} statuses reflect their pods after {args.timeout} s")
+                time.sleep(0.5)
+            row("operator_status_from_pods_seconds", time.monotonic() - t0, "s")
+            phases: dict[str, int] = {}
+            for it in items:
+                p = (it.get("status") or {}).get("phase")
+                phases[p] = phases.get(p, 0) + 1
+            config["phases"] = phases
+
+            # the trainer writes a checkpoint for every resource
+            t1 = time.monotonic()
+            expected = {}
+            for obj in created:
+                root = run_root(f"file://{store}", obj)
+                ck = write_checkpoint(root, 10, 0.25)
+                write_progress(root, 10, 100, 0.25, [ck])
+                expected[obj["metadata"]["name"]] = ck["uuid"]
+            write_s = time.monotonic() - t1
+            while True:
+                items = list_tijobs()
+                seen = sum(1 for it in items if ((it.get("status") or {}).get("latestCheckpoint") or {}).get("uuid") == expected[it["metadata"]["name"]])
+                if seen >= n:
+                    break
+                if time.monotonic() - t1 > args.timeout:
+                    raise RuntimeError(f"only {seen}/{n} checkpoints in status after {args.timeout} s")
+                time.sleep(0.5)
+            row("operator_checkpoints_in_status_seconds", time.monotonic() - t1, "s")
+            config["checkpoint_write_seconds"] = round(write_s, 2)
+            time.sleep(1.0)
+            cpu = watch.cpu_seconds() - cpu0
+            watch.close()
+            row("operator_cpu_seconds", cpu, "s")
+            row("operator_peak_rss_mib", watch.peak_kib / 1024, "MiB")
+            metrics = op.metrics()
+            own = metric_value(metrics, "tinv_operator_api_requests_total")
+            by_kind = {}
+            for line in metrics.splitlines():
+                if line.startswith("tinv_operator_api_requests_total{"):
+                    verb = re.search(r'verb="([^"]+)"', line).group(1)
+                    res = re.search(r'resource="([^"]+)"', line).group(1)
+                    by_kind[f"{verb} {res}"] = by_kind.get(f"{verb} {res}", 0) + float(line.rsplit(" ", 1)[1])
+            tijob_req = apiserver_requests(cp, "textualinversionjobs")
+            delta = {k: tijob_req.get(k, 0) - tijob_req0.get(k, 0) for k in tijob_req}
+            # kopf's own: everything on textualinversionjobs except our status patches (counted in `own`) and
+            # the script's creates and LISTs (the script's polling)
+            kopf = sum(v for k, v in delta.items() if k not in ("POST", "LIST", "PATCH/status"))
+            config["operator_requests_by_kind"] = {k: int(v) for k, v in sorted(by_kind.items())}
+            config["kopf_requests_on_tijobs"] = {k: int(v) for k, v in sorted(delta.items()) if k not in ("POST", "LIST", "PATCH/status")}
+            row("operator_api_requests_per_resource", (own + kopf) / n, "requests")
+        finally:
+            watch.close()
+            op.stop()
+            if args.keep_logs:
+                print(op.logs(100), file=sys.stderr)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, action="append", help="resources per run; repeat for several runs (default: 100)")
+    p.add_argument("--pods", choices=("run", "suspended"), default="run",
+                   help="run: Jobs start pods (KWOK runs what fits on 32 fake GPUs, the rest stay Pending/Unschedulable); suspended: no pods")
+    p.add_argument("--poll-interval", type=float, default=15.0, help="the operator's storage poll interval (its default: 15 s)")
+    p.add_argument("--api-workers", type=int, default=16, help="the operator's API thread pool")
+    p.add_argument("--timeout", type=float, default=600, help="give up after this many seconds per phase")
+    p.add_argument("--record", action="store_true", help="append the rows to bench/results/operator.jsonl")
+    p.add_argument("--keep-logs", action="store_true", help="print the operator's log tail at the end")
+    args = p.parse_args()
+    rows: list[dict] = []
+    for n in args.n or [100]:
+        rows += run_one(n, args)
+    if args.record:
+        out = REPO / "bench" / "results" / "operator.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"recorded {len(rows)} rows in {out.relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

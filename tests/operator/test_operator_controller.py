@@ -1,0 +1,355 @@
+"""The controller with a fake API and fake kopf indexes: idempotent creation (409 -> read, ownership
+checked), allowed spec changes, grids resolving 'latest', status writes and Events, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tinv.api.models import ConditionType as C
+from tinv.api.models import Reason as R
+from tinv.operator import builders as B
+from tinv.operator.config import OperatorConfig
+from tinv.operator.controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, Invalid, Retry, slim
+from tinv.operator.kube import ApiError
+from tinv.operator.metrics import Metrics
+from tinv.operator.status import SPEC_CHANGE_PENDING, job_view
+
+UID = "0eae2594-1111-2222-3333-444455556666"
+NS = "team-a"
+
+
+class FakeKube:
+    """An in-memory apiserver for the paths the controller uses."""
+
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[tuple[str, str], ApiError] = {}
+        self.rv = 100
+        self.lock = threading.Lock()
+
+    def _check(self, verb, path):
+        self.calls.append((verb, path))
+        err = self.fail.get((verb, path.rsplit("/", 1)[0] if verb == "POST" else path)) or self.fail.get((verb, "*"))
+        if err:
+            raise err
+
+    def create(self, path, body):
+        self._check("POST", path + "/x")
+        with self.lock:
+            name = body["metadata"].get("name") or body["metadata"]["generateName"] + str(len(self.objects))
+            full = f"{path}/{name}"
+            if full in self.objects:
+                raise ApiError(409, "AlreadyExists", f"{name} already exists")
+            self.rv += 1
+            obj = copy.deepcopy(body)
+            obj["metadata"] = {**obj["metadata"], "name": name, "resourceVersion": str(self.rv), "uid": f"uid-{self.rv}"}
+            self.objects[full] = obj
+            return copy.deepcopy(obj)
+
+    def get(self, path):
+        self._check("GET", path)
+        if path not in self.objects:
+            raise ApiError(404, "NotFound", path)
+        return copy.deepcopy(self.objects[path])
+
+    def merge_patch(self, path, body):
+        self._check("PATCH", path)
+        base = path[: -len("/status")] if path.endswith("/status") else path
+        if base not in self.objects:
+            raise ApiError(404, "NotFound", path)
+        with self.lock:
+            self.rv += 1
+            obj = self.objects[base]
+            _merge(obj, copy.deepcopy(body))
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            return copy.deepcopy(obj)
+
+    def delete(self, path, propagation="Background"):
+        self._check("DELETE", path)
+        self.objects.pop(path, None)
+        return {}
+
+    def of_kind(self, segment):
+        return {k: v for k, v in self.objects.items() if f"/{segment}/" in k}
+
+
+def _merge(target, patch):
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v
+
+
+def tijob(name="demo", uid=UID, gen=1, **spec):
+    body = {
+        "apiVersion": "tinv.io/v1alpha1", "kind": "TextualInversionJob",
+        "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": gen, "resourceVersion": "1"},
+        "spec": {"model": {"source": "builtin:tiny"},
+                 "concepts": [{"token": "tok", "initializer": "dog", "images": "file:///data"}],
+                 "resources": {"gpusPerWorker": 1, "gpuClass": "A100_PCIE_80GB", "region": "ORD1"}, **spec},
+        "status": {},
+    }
+    return body
+
+
+def ggrid(name="g", job="demo", checkpoint="latest", uid="9d1f0000-1111-2222-3333-444455556666"):
+    return {
+        "apiVersion": "tinv.io/v1alpha1", "kind": "GenerationGrid",
+        "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": 1, "resourceVersion": "1"},
+        "spec": {"model": {"source": "builtin:tiny"}, "embeddings": [{"job": job, "checkpoint": checkpoint}], "prompts": ["a tok"],
+                 "resources": {"workers": 2}},
+        "status": {},
+    }
+
+
+@pytest.fixture
+def env(tmp_path):
+    kube = FakeKube()
+    cfg = OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}/runs", poll_interval=0.05, status_batch_interval=0.0)
+    ctl = Controller(cfg, kube, Metrics.create(CollectorRegistry()))
+    idx = {IDX_RESOURCES[B.TIJOB]: {}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
+    ctl.indices = idx
+    ctl.ready = True
+
+    def put(kind, body):
+        idx[IDX_RESOURCES[kind]][(NS, body["metadata"]["name"])] = [slim(body)]
+
+    def sync_jobs():
+        """What the watch would show: every Job in the fake API, in the index."""
+        idx[IDX_JOBS].clear()
+        for obj in kube.of_kind("jobs").values():
+            idx[IDX_JOBS][(NS, obj["metadata"]["name"])] = [job_view(obj)]
+
+    yield ctl, kube, idx, put, sync_jobs
+    ctl.api_pool.shutdown(wait=False)
+    ctl.poll_pool.shutdown(wait=False)
+
+
+def test_reconcile_creates_configmap_and_job_once(env):
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    put(B.TIJOB, body)
+    assert ctl.reconcile(B.TIJOB, body) == "ok"
+    assert sorted(k.rsplit("/", 2)[-2] for k in kube.objects) == ["configmaps", "jobs"]
+    job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
+    assert job["metadata"]["ownerReferences"][0]["uid"] == UID
+    # the status already knows the Job before the watch shows it
+    assert ctl.job(NS, "demo-train", UID)["name"] == "demo-train"
+    # restart: the index shows the Job, nothing is created again
+    sync()
+    calls = len(kube.calls)
+    ctl2 = Controller(ctl.config, kube, ctl.metrics)
+    ctl2.indices = idx
+    assert ctl2.reconcile(B.TIJOB, body) == "ok"
+    assert [c for c in kube.calls[calls:] if c[0] == "POST"] == []
+    assert len(kube.of_kind("jobs")) == 1
+
+
+def test_reconcile_after_lost_watch_reads_the_existing_job(env):
+    """Killed between creating the Job and seeing it: the next reconcile gets 409 and adopts it."""
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    put(B.TIJOB, body)
+    ctl.reconcile(B.TIJOB, body)
+    fresh = Controller(ctl.config, kube, ctl.metrics)  # empty indexes, as if the watch had not caught up
+    fresh.indices = {k: {} for k in idx}
+    fresh.indices[IDX_RESOURCES[B.TIJOB]] = idx[IDX_RESOURCES[B.TIJOB]]
+    assert fresh.reconcile(B.TIJOB, body) == "ok"
+    assert len(kube.of_kind("jobs")) == 1
+    assert ("GET", f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train") in kube.calls
+
+
+def test_a_job_of_an_earlier_resource_with_the_same_name_is_not_adopted(env):
+    ctl, kube, idx, put, sync = env
+    old = tijob(uid="11111111-0000-0000-0000-000000000000")
+    ctl.reconcile(B.TIJOB, old)
+    new = tijob(uid=UID)
+    fresh = Controller(ctl.config, kube, ctl.metrics)
+    fresh.indices = {k: {} for k in idx}
+    with pytest.raises(Retry, match="earlier resource"):
+        fresh.reconcile(B.TIJOB, new)
+
+
+def test_invalid_spec_is_permanent_with_a_condition(env):
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    body["spec"]["resources"]["gpusPerWorker"] = 99
+    put(B.TIJOB, body)
+    with pytest.raises(Invalid, match="gpusPerWorker"):
+        ctl.reconcile(B.TIJOB, body)
+    assert not kube.objects
+    _, old, new = ctl.compute((B.TIJOB, NS, "demo"))
+    assert new["phase"] == "Failed"
+    assert next(c for c in new["conditions"] if c["type"] == C.ACCEPTED)["reason"] == R.INVALID_SPEC
+
+
+def test_no_default_storage_is_invalid(env):
+    ctl, kube, idx, put, sync = env
+    ctl.config = ctl.config.replace(storage_uri=None)
+    with pytest.raises(Invalid, match="storage.uri"):
+        ctl.reconcile(B.TIJOB, tijob())
+
+
+def test_suspend_and_run_policy_changes_are_applied_in_place(env):
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    body = tijob(gen=2, runPolicy={"suspend": True, "backoffLimit": 7, "activeDeadlineSeconds": 600})
+    ctl.reconcile(B.TIJOB, body)
+    job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["backoffLimit"] == 7 and job["spec"]["activeDeadlineSeconds"] == 600
+    assert ctl.facts[(B.TIJOB, NS, "demo")].notice is None
+
+
+def test_resources_change_while_running_is_flagged_and_applied_when_suspended(env):
+    ctl, kube, idx, put, sync = env
+    ctl.reconcile(B.TIJOB, tijob())
+    sync()
+    bigger = {"gpusPerWorker": 2, "gpuClass": "A100_PCIE_80GB", "region": "ORD1"}
+    ctl.reconcile(B.TIJOB, tijob(gen=2, resources=bigger))
+    assert ctl.facts[(B.TIJOB, NS, "demo")].notice[0] == SPEC_CHANGE_PENDING
+    assert kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # suspend: once its pods are gone the Job is replaced, the new one has the new resources
+    ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))
+    assert kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]["spec"]["suspend"] is True
+    sync()
+    with pytest.raises(Retry, match="replacing"):
+        ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))
+    sync()
+    assert ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True})) == "ok"
+    job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert job["spec"]["suspend"] is True
+
+
+def test_api_errors_propagate_classified(env):
+    ctl, kube, idx, put, sync = env
+    kube.fail[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = ApiError(503, "ServiceUnavailable", "etcd")
+    with pytest.raises(ApiError) as info:
+        ctl.reconcile(B.TIJOB, tijob())
+    assert info.value.retryable
+    kube.fail.clear()
+    assert ctl.reconcile(B.TIJOB, tijob()) == "ok"  # the ConfigMap from the first try is reused
+    assert len(kube.of_kind("configmaps")) == 1
+
+
+def test_grid_waits_for_the_job_then_resolves_latest(env):
+    ctl, kube, idx, put, sync = env
+    grid = ggrid()
+    put(B.GRID, grid)
+    assert ctl.reconcile(B.GRID, grid) == "waiting"
+    facts = ctl.facts[(B.GRID, NS, "g")]
+    assert facts.waiting[0] == R.WAITING_FOR_JOB and "demo" in facts.waiting[1]
+    assert (NS, "demo") in ctl.waiting
+    # the job exists but is still running
+    job = tijob()
+    job["status"] = {"phase": "Running", "checkpoints": [{"uuid": "c1", "step": 10, "uri": "file:///r/c1"}]}
+    put(B.TIJOB, job)
+    assert ctl.reconcile(B.GRID, grid) == "waiting"
+    # finished: 'latest' becomes its final checkpoint
+    job["status"] = {"phase": "Succeeded", "checkpoints": [{"uuid": "c1", "step": 10, "uri": "file:///r/c1"}, {"uuid": "c2", "step": 20, "uri": "file:///r/c2"}],
+                     "latestCheckpoint": {"uuid": "c2", "step": 20, "uri": "file:///r/c2"}}
+    put(B.TIJOB, job)
+    assert ctl.reconcile(B.GRID, grid) == "ok"
+    resolved = ctl.facts[(B.GRID, NS, "g")].resolved
+    assert resolved == [{"job": "demo", "checkpoint": "c2", "uri": "file:///r/c2"}]
+    cm = kube.objects[f"/api/v1/namespaces/{NS}/configmaps/g-grid"]
+    assert "c2" in cm["data"]["resource.yaml"] and "resolvedEmbeddings" in cm["data"]["resource.yaml"]
+    assert (NS, "demo") not in ctl.waiting or not ctl.waiting[(NS, "demo")]
+
+
+def test_grid_waits_for_a_named_checkpoint(env):
+    ctl, kube, idx, put, sync = env
+    uuid = "6f1c4a52-0d3e-4d7c-9c1a-3b2f6a1e9d10"
+    job = tijob()
+    job["status"] = {"phase": "Running", "checkpoints": []}
+    put(B.TIJOB, job)
+    grid = ggrid(checkpoint=uuid)
+    assert ctl.reconcile(B.GRID, grid) == "waiting"
+    assert ctl.facts[(B.GRID, NS, "g")].waiting[0] == R.WAITING_FOR_CHECKPOINT
+    job["status"]["checkpoints"] = [{"uuid": uuid, "step": 10, "uri": "file:///r/x"}]
+    put(B.TIJOB, job)
+    assert ctl.reconcile(B.GRID, grid) == "ok"
+
+
+def test_resolution_is_kept_from_status_after_a_restart(env):
+    ctl, kube, idx, put, sync = env
+    grid = ggrid()
+    grid["status"] = {"resolvedEmbeddings": [{"job": "demo", "checkpoint": "c1", "uri": "file:///r/c1"}]}
+    # the job is gone or changed: the recorded resolution still holds
+    assert ctl.reconcile(B.GRID, grid) == "ok"
+    assert ctl.facts[(B.GRID, NS, "g")].resolved[0]["checkpoint"] == "c1"
+
+
+def test_status_write_posts_events_and_counts_checkpoints(env, tmp_path):
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/demo"] = copy.deepcopy(body)
+    put(B.TIJOB, body)
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    key = (B.TIJOB, NS, "demo")
+    _, old, new = ctl.compute(key)
+    ctl.write_status(key, body, old, new)
+    stored = kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/demo"]["status"]
+    assert stored["phase"] == "Pending"
+    events = [v for k, v in kube.objects.items() if "/events/" in k]
+    assert events and events[0]["involvedObject"]["uid"] == UID and events[0]["source"]["component"] == "tinv-operator"
+    # the watch has not caught up: the next compute starts from what was written, no duplicate write
+    _, old2, new2 = ctl.compute(key)
+    assert old2["phase"] == "Pending"
+
+
+def test_poll_reads_storage_and_marks_changes(env, tmp_path):
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    put(B.TIJOB, body)
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    key = (B.TIJOB, NS, "demo")
+    root = Path(ctl.facts[key].output_uri[len("file://"):])
+    ck = root / "checkpoints" / "c1"
+    ck.mkdir(parents=True)
+    (ck / "manifest.json").write_text(json.dumps({"uuid": "c1", "step": 10, "loss": 0.5, "createdAt": "2026-01-01T00:00:00Z"}))
+    (root / "progress.json").write_text(json.dumps({"step": 12, "totalSteps": 100, "loss": 0.4}))
+    (root / "checkpoints" / "c2").mkdir()  # being written: no manifest yet
+
+    async def run():
+        ctl._loop = asyncio.get_running_loop()
+        ctl.dirty.clear()
+        changed = await ctl.poll_once()
+        return changed
+
+    assert asyncio.run(run()) == 1
+    assert key in ctl.dirty
+    view = ctl.storage[key]
+    assert view.progress["step"] == 12 and [c["uuid"] for c in view.checkpoints] == ["c1"]
+    _, _, new = ctl.compute(key)
+    assert new["latestCheckpoint"]["uuid"] == "c1" and new["progress"]["summary"] == "12/100 (12%)"
+    ctl.dirty.clear()
+    assert asyncio.run(run()) == 0  # unchanged: nothing to do
+
+
+def test_unreachable_storage_is_reported_not_raised(env):
+    ctl, kube, idx, put, sync = env
+    view = ctl.reader.read(("k",), "s3://bucket/x", {"endpoint": "http://127.0.0.1:9"}, checkpoints=True)
+    assert view.error and "127.0.0.1:9" in view.error or "unreachable" in (view.error or "")
+
+
+def test_pvc_storage_is_not_read(env):
+    ctl, kube, idx, put, sync = env
+    view = ctl.reader.read(("k",), "pvc://claim/x", None, checkpoints=True)
+    assert view.unsupported and view.error is None
