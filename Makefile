@@ -4,9 +4,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast crds cluster-bins clean
+.PHONY: setup system-deps demo test test-fast crds cluster-bins clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed system-deps
+
+# Headless Chromium checks the gallery page in a real browser. Installed from Debian's packages
+# when we are root with apt; otherwise that one test says how to install it and is skipped.
+system-deps:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (headless gallery test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	else echo "note: chromium not installed; the gallery browser test will be skipped (apt-get install chromium)"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

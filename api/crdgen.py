@@ -102,9 +102,11 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_objects(schema: dict[str, Any], model: type[Model]) -> None:
-    """Give nested object fields built by default_factory a `default: {}`.
+    """Give nested object fields built by default_factory their whole default value.
 
-    Without it the apiserver would not apply the defaults *inside* an absent object.
+    Without a default the apiserver would not apply the defaults *inside* an absent object; and
+    `{}` is not enough, because the apiserver checks a default against the object's CEL rules
+    as written, without applying the inner defaults first.
     """
     for name, field in model.model_fields.items():
         alias = field.alias or name
@@ -114,7 +116,7 @@ def _default_objects(schema: dict[str, Any], model: type[Model]) -> None:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, Model):
             if field.default_factory is not None and sub.get("type") == "object" and "default" not in sub:
-                sub["default"] = {}
+                sub["default"] = field.default_factory().to_doc()
             _default_objects(sub, ann)
         else:
             args = getattr(ann, "__args__", ()) or ()

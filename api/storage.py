@@ -8,8 +8,10 @@ Layout (DESIGN.md), below a resource's run root `<storage.uri>/<namespace>/<name
                       learned_embeddings_dict.pt    the Determined example's layout
                       optimizer.pt                  resume state
                       manifest.json                 written last: a checkpoint without it is incomplete
-    tensorboard/                               scalars and validation images
-    images/                                    GenerationGrid output, index.json, index.html
+    tensorboard/                               scalars and validation images (generate-<i>-of-<n>/ per grid shard)
+    images/                                    GenerationGrid output: <name>.png, index.json, index.html,
+                                               sheets/p<NNN>.png (one contact sheet per prompt)
+    shards/shard-<i>-of-<n>.json               per-shard grid progress; progress.json aggregates them
 
 progress.json (snake_case keys; the operator copies them into status.progress):
     {"state": "running"|"succeeded"|"failed", "step", "total_steps", "loss", "samples_per_second",
@@ -217,10 +219,13 @@ class Store:
         except FileNotFoundError:
             raise NotFound(f"{uri}: no such file") from None
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+        """Write an object. `content_type` matters on S3: a browser opens a gallery page straight
+        from a bucket only when it is served as text/html (and its images as image/png)."""
         if is_s3(uri):
             bucket, key = _split_s3(uri)
-            self._s3_call(uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
+            extra = {"ContentType": content_type} if content_type else {}
+            self._s3_call(uri, self.client.put_object, Bucket=bucket, Key=key, Body=data, **extra)
             return
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,9 @@ class OperatorConfig:
     poll_interval: float = 15.0
     poll_workers: int = 16
     api_workers: int = 16
+    status_workers: int = 6
     status_batch_interval: float = 0.5
-    status_min_interval: float = 1.0
+    status_min_interval: float = 2.0
     metrics_port: int = 9090
     health_port: int = 8080
     cleanup_retries: int = 5
@@ -108,7 +109,9 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--rendezvous-timeout", "rendezvous_timeout", "TINV_RENDEZVOUS_TIMEOUT", int, "seconds a worker waits for the master's DNS name before exiting 69 (retried)"),
     ("--poll-interval", "poll_interval", "TINV_POLL_INTERVAL", float, "seconds between reads of progress.json and checkpoint manifests"),
     ("--poll-workers", "poll_workers", "TINV_POLL_WORKERS", int, "threads reading object storage (one pool for all resources)"),
-    ("--api-workers", "api_workers", "TINV_API_WORKERS", int, "threads writing status and events (one pool for all resources)"),
+    ("--api-workers", "api_workers", "TINV_API_WORKERS", int, "threads reconciling resources into Jobs (kopf's handler pool)"),
+    ("--status-workers", "status_workers", "TINV_STATUS_WORKERS", int, "threads writing status and Events (fewer than --api-workers: creating Jobs comes first)"),
+    ("--status-min-interval", "status_min_interval", "TINV_STATUS_MIN_INTERVAL", float, "least seconds between two status writes of one resource (changes in between are merged)"),
     ("--metrics-port", "metrics_port", "TINV_METRICS_PORT", int, "Prometheus /metrics port (0: off)"),
     ("--health-port", "health_port", "TINV_HEALTH_PORT", int, "kopf liveness endpoint port, http://:PORT/healthz (0: off)"),
     ("--cleanup-retries", "cleanup_retries", "TINV_CLEANUP_RETRIES", int, "attempts to delete outputs (storage.cleanupOnDelete) before giving up with a warning"),
@@ -191,8 +194,8 @@ def check(config: OperatorConfig) -> list[str]:
     problems = []
     if config.poll_interval <= 0:
         problems.append("--poll-interval must be positive")
-    if config.poll_workers < 1 or config.api_workers < 1:
-        problems.append("--poll-workers and --api-workers must be at least 1")
+    if config.poll_workers < 1 or config.api_workers < 1 or config.status_workers < 1:
+        problems.append("--poll-workers, --api-workers and --status-workers must be at least 1")
     if config.storage_addressing_style not in (None, "auto", "path", "virtual"):
         problems.append("--storage-addressing-style must be auto, path or virtual")
     if config.image_pull_policy not in ("Always", "IfNotPresent", "Never"):

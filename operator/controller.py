@@ -147,7 +147,11 @@ class Controller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
-        self.api_pool = ThreadPoolExecutor(config.api_workers, thread_name_prefix="tinv-api")
+        # status and Events: a smaller pool than kopf's handler pool, so a burst of creations is not
+        # slowed down by status writes (which coalesce while they wait)
+        self.api_pool = ThreadPoolExecutor(config.status_workers, thread_name_prefix="tinv-status")
+        # Events go out on their own small pool, after the status they describe: never ahead of it
+        self.event_pool = ThreadPoolExecutor(2, thread_name_prefix="tinv-events")
         self.poll_pool = ThreadPoolExecutor(config.poll_workers, thread_name_prefix="tinv-poll")
         self.poll_rounds = 0
 
@@ -171,6 +175,7 @@ class Controller:
                 pass
         self.api_pool.shutdown(wait=False, cancel_futures=True)
         self.poll_pool.shutdown(wait=False, cancel_futures=True)
+        self.event_pool.shutdown(wait=False, cancel_futures=False)
 
     # ------------------------------------------------------------------ observations
     def resource(self, key: Key) -> dict[str, Any] | None:
@@ -309,6 +314,10 @@ class Controller:
 
     def _set_facts(self, key: Key, facts: Facts) -> None:
         with self._lock:
+            if key not in self.facts:
+                # the first write waits status_min_interval too: Pending -> scheduled -> Running
+                # within that time is one write (and one Event), not three
+                self.last_write.setdefault(key, time.monotonic())
             self.facts[key] = facts
             self.job_owner[(key[1], facts.job_name)] = key
             self.missing_since.pop(key, None)
@@ -492,8 +501,18 @@ class Controller:
         added = new_checkpoints(old, new)
         if added:
             self.metrics.checkpoints.labels(kind).inc(added)
-        for type_, reason, message in transitions(old, new):
-            self.post_event(kind, resp.get("metadata") or body.get("metadata") or {}, type_, reason, message)
+        meta = resp.get("metadata") or body.get("metadata") or {}
+        events = transitions(old, new)
+
+        def post_all() -> None:  # in order, one object's Events of one change together
+            for type_, reason, message in events:
+                self.post_event(kind, meta, type_, reason, message)
+
+        if events:
+            try:
+                self.event_pool.submit(post_all)
+            except RuntimeError:  # shutting down
+                post_all()
 
     def post_event(self, kind: str, meta: dict[str, Any], type_: str, reason: str, message: str) -> None:
         assert self.kube is not None

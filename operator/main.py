@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         print("tinv operator: no namespace to watch: pass --namespace NS (or set TINV_NAMESPACES / POD_NAMESPACE)", file=sys.stderr)
         return 2
 
-    import kopf
+    try:
+        import kopf
+    except ModuleNotFoundError as err:
+        print(f"tinv operator: needs the 'operator' extra ({err.name} is not installed).\nhint: pip install 'tinv[operator]'", file=sys.stderr)
+        return 3
 
     from .controller import Controller
     from .handlers import register

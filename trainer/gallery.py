@@ -114,7 +114,8 @@ def _row_label(img, multi: dict) -> list[str]:
     return lines
 
 
-def _read_images(store, images_uri: str, names: list[str], workers: int = 8) -> dict:
+def _read_images(store, images_uri: str, names: list[str], workers: int = 8, box: int = 256) -> dict:
+    """name -> (thumbnail at most box px, tinv metadata) for the PNGs that can be read."""
     from PIL import Image
 
     def load(name):
@@ -123,6 +124,7 @@ def _read_images(store, images_uri: str, names: list[str], workers: int = 8) -> 
             im = Image.open(io.BytesIO(data))
             meta = json.loads(getattr(im, "text", {}).get("tinv", "null") or "null")
             im = im.convert("RGB")
+            im.thumbnail((box, box), Image.LANCZOS)  # only thumbnails stay in memory
             return name, im, meta
         except Exception as e:  # noqa: BLE001 - shown as missing
             log.warning("gallery: cannot read %s: %s", name, e)

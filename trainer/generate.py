@@ -41,7 +41,6 @@ import inspect
 import io
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -129,6 +128,8 @@ class GridImage(Request):
     def filename(self) -> str:
         sched = self.scheduler.replace("+", "p")
         g = f"{self.guidance_scale:g}"
+        if float(g) != self.guidance_scale:  # more digits than %g shows: keep them all, names stay unique
+            g = repr(float(self.guidance_scale))
         return f"p{self.prompt_index:03d}_{self.width}x{self.height}_{sched}_st{self.steps}_g{g}_s{self.seed_base}_{self.k}.png"
 
     def request(self) -> Request:
@@ -444,11 +445,13 @@ class Engine:
 
         return [p.token for p in self.vocab.split(prompt) if isinstance(p, ConceptTokens)]
 
-    def check_prompts(self, prompts: Iterable[str]) -> list[str]:
-        """Warnings (not errors): prompts that mention none of the loaded concepts; long prompts."""
+    def check_prompts(self, prompts: Iterable[str], *, python_warnings: bool = True) -> list[str]:
+        """Warnings (not errors): prompts that mention none of the loaded concepts; long prompts.
+
+        Issued as Python warnings (notebooks show them) or, with python_warnings=False, as log lines."""
         out = []
         prompts = list(dict.fromkeys(prompts))
-        for i, p in enumerate(prompts):
+        for p in prompts:
             if self.concepts and not self.mentions(p):
                 out.append(
                     f"prompt {p!r} mentions none of the loaded concepts ({', '.join(self.tokens)}): "
@@ -458,8 +461,10 @@ class Engine:
             if n > self.vocab.max_length:
                 out.append(f"prompt {p[:60]!r}... is {n} tokens long; the text encoder reads the first {self.vocab.max_length}")
         for w in out:
-            log.warning("%s", w)
-            warnings.warn(w, UserWarning, stacklevel=3)
+            if python_warnings:
+                warnings.warn(w, UserWarning, stacklevel=3)
+            else:
+                log.warning("%s", w)
         return out
 
     def metadata(self, r: Rendered, extra: dict | None = None) -> dict:
@@ -694,11 +699,7 @@ def png_complete(data: bytes, key: str | None = None) -> bool:
 
 def put(store: api_storage.Store, uri: str, data: bytes, content_type: str | None = None) -> None:
     """Write an object; on S3 with a Content-Type, so browsers show PNGs and HTML from the bucket."""
-    if api_storage.is_s3(uri) and content_type:
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        store._s3_call(uri, store.client.put_object, Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-        return
-    store.write_bytes(uri, data)
+    store.write_bytes(uri, data, content_type=content_type)
 
 
 # ---------------------------------------------------------------------------- building engines
@@ -952,10 +953,13 @@ class _Progress:
         return self.rendered / dt if dt > 0 else None
 
     def add(self, done: int = 0, rendered: int = 0) -> None:
+        """Count images written (`done`, from the writer threads) or rendered; callers hold the lock."""
         if rendered and self.render_t0 is None:
             self.render_t0 = time.monotonic()
-        self.done += done
-        self.rendered += rendered
+        if done:
+            self.done += done
+        if rendered:
+            self.rendered += rendered
         if self.bar is not None:
             self.bar.n = self.done
             r = self.rate()
@@ -966,12 +970,13 @@ class _Progress:
     def start_rendering(self) -> None:
         self.render_t0 = time.monotonic()
 
-    def shard_doc(self, state: str, message: str | None = None) -> dict:
+    def shard_doc(self, state: str, message: str | None = None, stopped: str | None = None) -> dict:
         rate = self.rate()
         left = self.shard_total - self.done
         return {
             "format": "tinv.grid-shard/v1",
             "state": state,
+            "stopped": stopped,
             "shard": {"index": self.i, "count": self.n},
             "images_done": self.done,
             "images_total": self.shard_total,
@@ -983,19 +988,20 @@ class _Progress:
             "message": message,
         }
 
-    def write(self, state: str, message: str | None = None, force: bool = False) -> None:
+    def write(self, state: str, message: str | None = None, force: bool = False, stopped: str | None = None) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.interval:
             return
         self.last = now
         try:
-            put(self.store, self.shard_uri, json.dumps(self.shard_doc(state, message), indent=2).encode(), "application/json")
+            doc = self.shard_doc(state, message, stopped)
+            put(self.store, self.shard_uri, json.dumps(doc, indent=2).encode(), "application/json")
             put(self.store, api_storage.join(self.root, api_storage.PROGRESS_FILE),
-                json.dumps(self.aggregate(state), indent=2).encode(), "application/json")
+                json.dumps(self.aggregate(doc), indent=2).encode(), "application/json")
         except Exception as e:  # noqa: BLE001 - progress is best effort
             log.warning("cannot write progress: %s", e)
 
-    def aggregate(self, state_now: str = "running") -> dict:
+    def aggregate(self, mine: dict) -> dict:
         docs = {}
         suffix = f"-of-{self.n:03d}.json"
         try:
@@ -1008,7 +1014,7 @@ class _Progress:
                         continue
         except Exception:  # noqa: BLE001
             pass
-        docs[self.i] = self.shard_doc(state_now)
+        docs[self.i] = mine
         done = sum(d.get("images_done", 0) for d in docs.values())
         states = [d.get("state") for d in docs.values()]
         if any(s == "failed" for s in states):
@@ -1031,6 +1037,8 @@ class _Progress:
             "images_per_second": rate,
             "eta_seconds": max(etas) if etas and state == "running" else (0 if state == "succeeded" else None),
             "summary": f"{done}/{self.grid_total} ({pct}%)",
+            "stopped": mine.get("stopped") if state == "running" else None,
+            "message": mine.get("message"),
             "shards": {"count": self.n, "reported": len(docs),
                        "states": {str(k): v.get("state") for k, v in sorted(docs.items())}},
             "started_at": min((d.get("started_at") or self.started) for d in docs.values()),
@@ -1147,7 +1155,7 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
             device=opts.device, precision=opts.precision or spec.precision, storage_uri=storage_uri,
             namespace=grid.metadata.namespace, store=store, compile=opts.compile, vae_batch=opts.vae_batch,
         )
-    warn = engine.check_prompts(spec.prompts)
+    warn = engine.check_prompts(spec.prompts, python_warnings=False)
     grid_info = {"name": grid.metadata.name, "namespace": grid.metadata.namespace or "default", "uid": grid.metadata.uid}
 
     # Which images are already there (resume after pre-emption), by file name and parameters key.
@@ -1185,10 +1193,12 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
 
     try:
         batches = plan_batches(todo, batch_size)
+        progress.start_rendering()
         for b_i, batch in enumerate(batches):
-            results = engine.render([img.request() for img in batch])
+            results = render_adaptive(engine, [img.request() for img in batch])
             rendered += len(batch)
-            progress.add(rendered=len(batch))
+            with lock:
+                progress.add(rendered=len(batch))
             for img, r in zip(batch, results):
                 pending.append(pool.submit(write_one, img, r))
                 if tb is not None:
@@ -1200,7 +1210,8 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
             stopped = stop.signal is not None or (opts.stop_after_batches is not None and b_i + 1 >= opts.stop_after_batches)
             if stopped and b_i + 1 < len(batches):
                 _reap(pending, wait=True)
-                progress.write("running", "pre-empted: the images written so far are kept; re-run to resume", force=True)
+                why = "interrupted" if stop.signal == signal.SIGINT else "preempted"
+                progress.write("running", f"{why}: the images written so far are kept; re-run to resume", force=True, stopped=why)
                 raise Preempted(f"stopped after {progress.done} of {len(mine)} images of shard {i}/{n} (re-run to resume)")
         _reap(pending, wait=True)
     except BaseException as e:
@@ -1230,6 +1241,21 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
     log.info("shard %d/%d: rendered %d, skipped %d, %.1f s%s", i, n, rendered, len(done), seconds,
              f", {rate:.2f} images/s" if rate else "")
     return result
+
+
+def render_adaptive(engine: Engine, requests: Sequence[Request]) -> list[Rendered]:
+    """engine.render, halving the batch on CUDA out-of-memory (each image's metadata records the
+    batch it was really rendered in, so reproduction stays exact)."""
+    try:
+        return engine.render(requests)
+    except torch.cuda.OutOfMemoryError:
+        if len(requests) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = (len(requests) + 1) // 2
+        log.warning("CUDA out of memory with a batch of %d images; rendering %d at a time (lower spec.batchSize to skip this)",
+                    len(requests), half)
+        return render_adaptive(engine, requests[:half]) + render_adaptive(engine, requests[half:])
 
 
 def _reap(futures: list[cf.Future], wait: bool = False) -> list[cf.Future]:

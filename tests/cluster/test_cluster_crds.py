@@ -189,5 +189,6 @@ def test_deleting_a_custom_resource_garbage_collects_its_children(control_plane,
     cp.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner-spec", "ownerReferences": [ref]},
                "data": {"job.yaml": "{}"}}, ns)
     cp.kubectl("delete", "tijob", "owner", "-n", ns, "--wait=false")
-    cp.wait_for(lambda: cp.kubectl("get", "configmap", "owner-spec", "-n", ns, check=False).returncode != 0, 30,
+    # the garbage collector discovers new resource types every 30 s, so allow for one resync
+    cp.wait_for(lambda: cp.kubectl("get", "configmap", "owner-spec", "-n", ns, check=False).returncode != 0, 90,
                 what="the garbage collector to delete the ConfigMap owned by the TextualInversionJob")

@@ -190,7 +190,7 @@ def test_prompt_without_any_concept_warns_but_renders(engine):
 
 def test_lms_coefficients_match_numerical_integration(engine):
     """The scipy-free LMS uses exact quadrature; compare with a fine trapezoid integral."""
-    s = G.make_scheduler("lms", engine.sched_config)
+    s = G._lms_class().from_config(engine.sched_config)
     s.set_timesteps(10)
     sig = [float(x) for x in s.sigmas]
     for order, t, cur in [(1, 0, 0), (2, 3, 1), (4, 6, 0), (4, 6, 3)]:
@@ -201,3 +201,13 @@ def test_lms_coefficients_match_numerical_integration(engine):
                 vals *= (taus - sig[t - k]) / (sig[t - cur] - sig[t - k])
         ref = float(np.sum((vals[1:] + vals[:-1]) / 2 * np.diff(taus)))
         assert s.get_lms_coefficient(order, t, cur) == pytest.approx(ref, rel=1e-6, abs=1e-9)
+
+
+def test_gpu_optimisations_run_on_cpu_too():
+    """channels-last + fused QKV (on by default on CUDA) change kernels, not the picture."""
+    reqs = [req(seed=s) for s in (1, 2)]
+    plain = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32").render(reqs)
+    fast = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32", optimize=True)
+    assert type(next(iter(fast.bundle.unet.attn_processors.values()))).__name__ == "FusedAttnProcessor2_0"
+    for a, b in zip(plain, fast.render(reqs)):
+        assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 2

@@ -135,3 +135,8 @@ def test_every_api_scheduler_name_is_known():
     from tinv.api.models import SchedulerName
 
     assert set(typing.get_args(SchedulerName)) == set(G.SCHEDULER_NAMES)
+
+
+def test_file_names_stay_unique_for_close_guidance_scales():
+    images = G.expand(spec(grid={"guidanceScales": [7.5, 7.5000001, 7.50000011]}))
+    assert len({i.filename for i in images}) == len(images) == 6

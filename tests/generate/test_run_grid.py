@@ -92,7 +92,7 @@ def test_resume_after_preemption_skips_finished_images(make_grid, tmp_path):
     first = {p.name: p.read_bytes() for p in pngs(d)}
     assert len(first) == 3, "one batch of 3 written before the stop"
     progress = json.loads((d.parent / "progress.json").read_text())
-    assert progress["state"] == "running" and progress["images_done"] == 3
+    assert progress["state"] == "running" and progress["images_done"] == 3 and progress["stopped"] == "preempted"
 
     # a half-written image (a crash outside the atomic write) is rendered again
     victim = sorted(first)[0]
@@ -189,3 +189,22 @@ def test_termination_message_summarises_the_shard(grid_yaml, tmp_path):
     doc = json.loads(term.read_text())
     assert doc["exit_code"] == 0 and doc["images_total"] == 8 and doc["rendered"] == 8 and doc["complete"]
     assert len(term.read_bytes()) < 4096
+
+
+def test_out_of_memory_halves_the_batch_and_records_the_real_batch(make_grid, tmp_path, engine, monkeypatch):
+    import torch
+
+    real = engine.render
+
+    def small_gpu(requests, **kw):
+        if len(requests) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(requests, **kw)
+
+    monkeypatch.setattr(engine, "render", small_gpu)
+    res = G.run_grid(make_grid(), G.GridOptions(progress_bar=False, tensorboard=False, gallery=False), engine=engine)
+    assert res.rendered == 8
+    for p in pngs(images_dir(tmp_path)):
+        assert G.read_png_metadata(p)["batch"]["size"] == 1
+    monkeypatch.setattr(engine, "render", real)
+    assert run("reproduce", str(pngs(images_dir(tmp_path))[0]), "--out", str(tmp_path / "r.png"), "--check") == 0

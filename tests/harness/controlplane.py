@@ -32,12 +32,12 @@ import ssl
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .binaries import REPO_ROOT, Binaries, find_binaries
-from .procs import Process, free_port, wait_until
+from .procs import Process, claim_dir, free_port, reap_stale_dirs, wait_until
 
 HERE = Path(__file__).resolve().parent
 KWOK_STAGES = HERE / "kwok-stages.yaml"
@@ -297,7 +297,9 @@ class ControlPlane:
             self.workdir = Path(self._workdir_arg)
             self.workdir.mkdir(parents=True, exist_ok=True)
         else:
+            reap_stale_dirs(Path(tempfile.gettempdir()), "tinv-cp-")
             self.workdir = Path(tempfile.mkdtemp(prefix="tinv-cp-"))
+            claim_dir(self.workdir)
         wd = self.workdir
         (wd / "logs").mkdir(exist_ok=True)
 
@@ -631,8 +633,17 @@ class ControlPlane:
                 continue
             applied += names
         if applied:
-            self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-                         *[f"crd/{n}" for n in applied])
+            # polled rather than `kubectl wait`, which fails ("accessor error") when it looks before the
+            # CRD has any status
+            def established() -> bool:
+                items = self.get_json("crd", *applied)
+                items = items.get("items", [items])
+                return len(items) == len(applied) and all(
+                    any(c.get("type") == "Established" and c.get("status") == "True"
+                        for c in (item.get("status") or {}).get("conditions") or [])
+                    for item in items)
+
+            self.wait_for(established, timeout, interval=0.1, what=f"CRDs {', '.join(applied)} to be Established")
         if errors:
             raise CrdApplyError(applied, errors)
         return applied

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .binaries import Binaries, find_binaries
-from .procs import Process, free_port
+from .procs import Process, claim_dir, free_port, reap_stale_dirs
 
 
 class ObjectStoreError(RuntimeError):
@@ -58,7 +58,12 @@ class ObjectStore:
         if self.binaries is None:
             self.binaries = find_binaries(("versitygw",))
         binary = self.binaries.require("versitygw")
-        self.workdir = Path(self._workdir_arg or tempfile.mkdtemp(prefix="tinv-s3-"))
+        if self._workdir_arg is None:
+            reap_stale_dirs(Path(tempfile.gettempdir()), "tinv-s3-")
+            self.workdir = Path(tempfile.mkdtemp(prefix="tinv-s3-"))
+            claim_dir(self.workdir)
+        else:
+            self.workdir = Path(self._workdir_arg)
         self.data_dir = self.workdir / "data"
         sidecar = self.workdir / "meta"
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -2,20 +2,28 @@
 client certificates for the admin and each component, and the service-account signing key.
 
 Everything is ECDSA P-256 (fast to generate, accepted by every Kubernetes component) and lives
-in the control plane's temporary directory.
+in the control plane's temporary directory. Made with the ``cryptography`` package when it is
+installed, else with the ``openssl`` command (``TINV_PKI=openssl`` forces that).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+try:
+    if os.environ.get("TINV_PKI") == "openssl":
+        raise ImportError("TINV_PKI=openssl")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError:  # pragma: no cover - exercised with TINV_PKI=openssl
+    x509 = None
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,13 @@ def _name(cn: str, orgs: tuple[str, ...] = ()) -> x509.Name:
     return x509.Name(attrs)
 
 
-class PKI:
-    """Creates keys and certificates under ``directory``."""
+def PKI(directory: Path):  # noqa: N802 - a factory that picks the backend
+    """Creates keys and certificates under ``directory``: ``.ca``, ``.issue(...)``, ``.signing_key(...)``."""
+    return CryptographyPKI(directory) if x509 is not None else OpenSSLPKI(directory)
+
+
+class CryptographyPKI:
+    """Creates keys and certificates under ``directory`` with the ``cryptography`` package."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
@@ -137,3 +150,53 @@ class PKI:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return KeyPair(self._write(f"{name}.pub", pub), self._write(f"{name}.key", _key_pem(key)))
+
+
+class OpenSSLPKI:
+    """The same PKI made with the ``openssl`` command line tool."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = self._genkey("ca")
+        cert = self.dir / "ca.crt"
+        self._run("req", "-x509", "-new", "-key", key, "-subj", "/CN=tinv-test-ca", "-days", "7", "-sha256",
+                  "-out", cert, "-addext", "basicConstraints=critical,CA:TRUE",
+                  "-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign")
+        self.ca = KeyPair(cert, key)
+
+    def _run(self, *args) -> None:
+        proc = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True, cwd=self.dir)
+        if proc.returncode != 0:
+            raise RuntimeError(f"openssl {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
+
+    def _genkey(self, name: str) -> Path:
+        key = self.dir / f"{name}.key"
+        self._run("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+        key.chmod(0o600)
+        return key
+
+    def issue(self, name: str, cn: str, orgs: tuple[str, ...] = (), *, server: bool = False,
+              client: bool = False, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> KeyPair:
+        key = self._genkey(name)
+        csr, cert, ext = self.dir / f"{name}.csr", self.dir / f"{name}.crt", self.dir / f"{name}.ext"
+        subject = "".join(f"/O={o}" for o in orgs) + f"/CN={cn}"
+        self._run("req", "-new", "-key", key, "-subj", subject, "-out", csr)
+        usages = [u for u, on in (("serverAuth", server), ("clientAuth", client)) if on]
+        lines = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
+                 "authorityKeyIdentifier=keyid"]
+        if usages:
+            lines.append("extendedKeyUsage=" + ",".join(usages))
+        sans = [f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips]
+        if sans:
+            lines.append("subjectAltName=" + ",".join(sans))
+        ext.write_text("\n".join(lines) + "\n")
+        self._run("x509", "-req", "-in", csr, "-CA", self.ca.cert, "-CAkey", self.ca.key, "-CAcreateserial",
+                  "-days", "7", "-sha256", "-extfile", ext, "-out", cert)
+        return KeyPair(cert, key)
+
+    def signing_key(self, name: str) -> KeyPair:
+        key = self._genkey(name)
+        pub = self.dir / f"{name}.pub"
+        self._run("ec", "-in", key, "-pubout", "-out", pub)
+        return KeyPair(pub, key)

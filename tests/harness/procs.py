@@ -28,6 +28,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def claim_dir(directory: Path) -> None:
+    """Mark a temporary directory as owned by this process (see ``reap_stale_dirs``)."""
+    (Path(directory) / "owner.pid").write_text(str(os.getpid()))
+
+
+def reap_stale_dirs(parent: Path, prefix: str) -> None:
+    """Remove ``parent/prefix*`` directories whose owner process is gone (left by a killed session)."""
+    import shutil
+
+    for d in Path(parent).glob(prefix + "*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         with open(path, "rb") as f:

@@ -134,6 +134,7 @@ def env(tmp_path):
     yield ctl, kube, idx, put, sync_jobs
     ctl.api_pool.shutdown(wait=False)
     ctl.poll_pool.shutdown(wait=False)
+    ctl.event_pool.shutdown(wait=False)
 
 
 def test_reconcile_creates_configmap_and_job_once(env):
@@ -304,6 +305,7 @@ def test_status_write_posts_events_and_counts_checkpoints(env, tmp_path):
     key = (B.TIJOB, NS, "demo")
     _, old, new = ctl.compute(key)
     ctl.write_status(key, body, old, new)
+    ctl.event_pool.shutdown(wait=True)
     stored = kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/demo"]["status"]
     assert stored["phase"] == "Pending"
     events = [v for k, v in kube.objects.items() if "/events/" in k]

@@ -91,3 +91,22 @@ def test_cel_rules_compile_and_have_messages():
                 assert rule["message"] and len(rule["message"]) > 10, f"{path}: rule without a human message"
                 count += 1
     assert count >= 12
+
+
+def test_every_default_passes_its_own_schema_rules():
+    """The apiserver validates each `default` against the CEL rules of its node (without applying
+    inner defaults), and refuses the whole CRD if one fails: catch that here, offline."""
+    from tinv.api.validation import evaluate_rule
+
+    for crd in _crds():
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        for path, node in _walk(spec):
+            if "default" not in node:
+                continue
+            for rule in node.get("x-kubernetes-validations", []):
+                if "oldSelf" in rule["rule"]:
+                    continue
+                assert evaluate_rule(rule["rule"], node["default"]), f"{path}: default {node['default']} fails {rule['rule']}"
+            if node["type"] == "object":
+                for name in node.get("required", []):
+                    assert name in node["default"], f"{path}: default lacks required {name}"

@@ -1,0 +1,91 @@
+"""Operator configuration (flags > environment > defaults), the CLI entry point, and imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinv.operator.config import DEFAULT_GPU_CLASS_LABEL, DEFAULT_REGION_LABEL, from_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults():
+    c = from_args([], env={"POD_NAMESPACE": "team-a"})
+    assert c.namespaces == ("team-a",)
+    assert c.poll_interval == 15.0
+    assert c.gpu_class_label == DEFAULT_GPU_CLASS_LABEL == "gpu.nvidia.com/class"
+    assert c.region_label == DEFAULT_REGION_LABEL == "topology.kubernetes.io/region"
+    assert c.metrics_port == 9090 and c.health_port == 8080
+    assert c.storage_uri is None and c.gpu_class is None and not c.cluster_wide
+
+
+def test_environment_of_the_helm_chart():
+    env = {
+        "TINV_NAMESPACES": "a, b", "POD_NAMESPACE": "ignored", "TINV_CLUSTER_WIDE": "false",
+        "TINV_TRAINER_IMAGE": "ghcr.io/x/trainer:1", "TINV_TRAINER_IMAGE_PULL_POLICY": "Always",
+        "TINV_DEFAULT_GPU_CLASS": "A40", "TINV_DEFAULT_REGION": "LAS1",
+        "TINV_GPU_CLASS_LABEL": "node.coreweave.cloud/class", "TINV_REGION_LABEL": "node.coreweave.cloud/region",
+        "TINV_DEFAULT_STORAGE_URI": "s3://runs", "TINV_DEFAULT_STORAGE_ENDPOINT": "https://cwobject.com",
+        "TINV_DEFAULT_ADDRESSING_STYLE": "virtual", "TINV_DEFAULT_STORAGE_SECRET": "s3",
+        "TINV_HF_TOKEN_SECRET": "hf", "TINV_HF_TOKEN_KEY": "tok", "TINV_MODEL_CACHE_CLAIM": "cache",
+        "TINV_POLL_INTERVAL": "5", "TINV_METRICS_PORT": "9191", "TINV_HEALTH_PORT": "8181", "TINV_LOG_LEVEL": "info",
+    }
+    c = from_args([], env=env)
+    assert c.namespaces == ("a", "b")
+    assert c.image == "ghcr.io/x/trainer:1" and c.image_pull_policy == "Always"
+    assert (c.gpu_class, c.region) == ("A40", "LAS1")
+    assert (c.gpu_class_label, c.region_label) == ("node.coreweave.cloud/class", "node.coreweave.cloud/region")
+    assert (c.storage_uri, c.storage_endpoint, c.storage_addressing_style, c.storage_secret) == ("s3://runs", "https://cwobject.com", "virtual", "s3")
+    assert (c.hf_token_secret, c.hf_token_key, c.model_cache_claim) == ("hf", "tok", "cache")
+    assert (c.poll_interval, c.metrics_port, c.health_port, c.log_level) == (5.0, 9191, 8181, "INFO")
+
+
+def test_empty_chart_values_mean_unset():
+    c = from_args([], env={"POD_NAMESPACE": "n", "TINV_DEFAULT_GPU_CLASS": "", "TINV_DEFAULT_STORAGE_URI": "", "TINV_HF_TOKEN_SECRET": ""})
+    assert c.gpu_class is None and c.storage_uri is None and c.hf_token_secret is None
+
+
+def test_flags_win_over_environment():
+    c = from_args(["-n", "x", "--namespace", "y,z", "--poll-interval", "2", "--hf-token-secret", "gated:token2",
+                   "--pod-annotation-prefix", "kwok.tinv.io/", "--cluster-wide"],
+                  env={"TINV_NAMESPACES": "ignored", "TINV_POLL_INTERVAL": "9"})
+    assert c.namespaces == ("x", "y", "z") and c.poll_interval == 2.0
+    assert (c.hf_token_secret, c.hf_token_key) == ("gated", "token2")
+    assert c.pod_annotation_prefixes == ("kwok.tinv.io/",) and c.cluster_wide
+
+
+def test_bad_flags_exit_2():
+    with pytest.raises(SystemExit) as e:
+        from_args(["--poll-interval", "0"], env={})
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        from_args(["--storage-addressing-style", "sideways"], env={})
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("TINV_", "POD_NAMESPACE"))}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tinv.api.cli", *args], capture_output=True, text=True, env=full, cwd=REPO, timeout=120)
+
+
+def test_cli_help_and_missing_namespace():
+    r = _run("operator", "--help")
+    assert r.returncode == 0 and "--namespace" in r.stdout and "TINV_DEFAULT_STORAGE_URI" in r.stdout
+    r = _run("operator")
+    assert r.returncode == 2 and "no namespace" in r.stderr
+
+
+def test_operator_never_imports_torch():
+    code = (
+        "import sys, tinv.operator.main, tinv.operator.handlers, tinv.operator.controller, tinv.operator.builders, "
+        "tinv.operator.status, tinv.operator.poller, tinv.operator.kube, tinv.operator.metrics;"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not (REPO / "operator" / "__init__.py").exists()
