@@ -259,7 +259,7 @@ def termination_summary(message: str | None) -> str | None:
         lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
         return short(" | ".join(lines[-3:]), 512) if lines else None
     parts = []
-    head = doc.get("reason") or doc.get("phase")
+    head = doc.get("reason") or doc.get("phase") or doc.get("state")
     if head:
         parts.append(str(head))
     if doc.get("message"):
@@ -267,8 +267,9 @@ def termination_summary(message: str | None) -> str | None:
     step, total = doc.get("step"), doc.get("totalSteps") or doc.get("total_steps")
     if step is not None:
         parts.append(f"step {step}/{total}" if total else f"step {step}")
-    if doc.get("imagesDone") is not None:
-        parts.append(f"images {doc['imagesDone']}/{doc.get('imagesTotal', '?')}")
+    images = _first(doc, "imagesDone", "images_done")
+    if images is not None:
+        parts.append(f"images {images}/{_first(doc, 'imagesTotal', 'images_total') or '?'}")
     loss = sig(doc.get("loss"))
     if loss is not None:
         parts.append(f"loss {loss}")

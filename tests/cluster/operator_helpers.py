@@ -199,28 +199,32 @@ def run_root(storage_uri: str, obj: dict[str, Any]) -> Path:
 
 
 def write_checkpoint(root: Path, step: int, loss: float, uid: str | None = None) -> dict[str, Any]:
-    """A complete checkpoint folder as the trainer leaves it (manifest.json written last)."""
+    """A complete checkpoint folder as the trainer leaves it (manifest.json written last; the
+    storage contract's snake_case keys, tinv.api.storage). Returns its status.checkpoints entry."""
     cid = uid or str(uuidlib.uuid4())
     folder = root / "checkpoints" / cid
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "learned_embeds.safetensors").write_bytes(b"\0" * 16)
-    manifest = {"format": "tinv.checkpoint/v1", "uuid": cid, "step": step, "loss": loss, "createdAt": now(),
+    created = now()
+    manifest = {"format": "tinv.checkpoint/v1", "uuid": cid, "step": step, "loss": loss, "created_at": created,
                 "uri": f"file://{folder}", "job": {}}
     tmp = folder / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest))
     tmp.rename(folder / "manifest.json")
-    return {"uuid": cid, "step": step, "uri": f"file://{folder}", "createdAt": manifest["createdAt"], "loss": loss}
+    return {"uuid": cid, "step": step, "uri": f"file://{folder}", "createdAt": created, "loss": loss}
 
 
 def write_progress(root: Path, step: int, total: int, loss: float | None, checkpoints: list[dict[str, Any]] | None = None,
-                   phase: str = "Running", sps: float | None = 12.5) -> None:
-    checkpoints = checkpoints or []
+                   state: str = "running", sps: float | None = 12.5) -> None:
+    """progress.json as the trainer rewrites it (tinv.api.storage's keys)."""
+    checkpoints = [{"uuid": c["uuid"], "step": c["step"], "uri": c["uri"], "created_at": c.get("createdAt"), "loss": c.get("loss")}
+                   for c in checkpoints or []]
     pct = int(100 * step / total) if total else 0
     doc = {
-        "format": "tinv.progress/v1", "phase": phase, "step": step, "totalSteps": total, "loss": loss,
-        "samplesPerSecond": sps, "etaSeconds": int((total - step) / sps) if sps else None,
-        "summary": f"{step}/{total} ({pct}%)", "updatedAt": now(),
-        "latestCheckpoint": checkpoints[-1] if checkpoints else None, "checkpoints": checkpoints,
+        "format": "tinv.progress/v1", "state": state, "step": step, "total_steps": total, "loss": loss,
+        "samples_per_second": sps, "eta_seconds": int((total - step) / sps) if sps else None,
+        "summary": f"{step}/{total} ({pct}%)", "updated_at": now(),
+        "latest_checkpoint": checkpoints[-1] if checkpoints else None, "checkpoints": checkpoints,
     }
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / ".progress.json.tmp"
@@ -290,9 +294,7 @@ def apply_crds(cp: Any) -> list[str]:
         return [*err.applied, doc["metadata"]["name"]]
 
 
-# --------------------------------------------------------------------------- pytest fixtures
-
-import pytest  # noqa: E402
+# --------------------------------------------------------------------------- test environments
 
 
 class OpEnv:
@@ -339,6 +341,8 @@ class OpEnv:
 
 
 def make_env(cp: Any, tmp_factory: Any, prefix: str, extra: list[str] | None = None, poll_interval: float = 1.0) -> OpEnv:
+    import pytest
+
     if cp.missing_components or not cp.nodes:
         pytest.skip(f"needs the full harness (missing: {', '.join(cp.missing_components) or 'KWOK nodes'})")
     apply_crds(cp)

@@ -40,7 +40,7 @@ def test_grid_waits_for_its_job_then_resolves_latest(env: OpEnv):
     assert obj["status"]["phase"] == "Waiting" and "src" in condition(obj, C.WAITING)["message"]
     ck2 = write_checkpoint(root, 100, 0.2)
     pod = env.running_pods("src-train")[0]["metadata"]["name"]
-    env.cp.finish_pod(env.ns, pod, 0, message=json.dumps({"phase": "Succeeded", "latestCheckpoint": {"uuid": ck2["uuid"], "step": 100, "uri": ck2["uri"]}}))
+    env.cp.finish_pod(env.ns, pod, 0, message=json.dumps({"state": "succeeded", "exit_code": 0, "latest_checkpoint": {"uuid": ck2["uuid"], "step": 100, "uri": ck2["uri"]}}))
     env.wait_status("tijob", "src", lambda s: s.get("phase") == "Succeeded", 60)
     # resolved: the grid's Indexed Job runs with the concrete uuid
     obj = env.wait_status("generationgrid", "gallery", lambda s: s.get("phase") == "Running", 60, "Running")
@@ -77,4 +77,4 @@ def test_grid_with_a_uri_embedding_runs_at_once(env: OpEnv):
 
 def write_progress_grid(root, done: int, total: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "progress.json").write_text(json.dumps({"phase": "Running", "imagesDone": done, "imagesTotal": total, "imagesPerSecond": 0.5}))
+    (root / "progress.json").write_text(json.dumps({"state": "running", "images_done": done, "images_total": total, "images_per_second": 0.5}))

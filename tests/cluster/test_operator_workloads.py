@@ -89,8 +89,8 @@ def test_job_gets_the_pod_spec_runs_and_reports_progress_and_checkpoints(env: Op
     assert "Running" in table and "12/100 (12%)" in table and ck1["uuid"] in table and "A100_PCIE_80GB" in table
     # the pod ends with the trainer's JSON summary as termination message
     ck2 = write_checkpoint(root, 100, 0.11)
-    summary = {"phase": "Succeeded", "exitCode": 0, "reason": "Completed", "message": "training finished", "step": 100, "totalSteps": 100,
-               "loss": 0.11, "latestCheckpoint": {"uuid": ck2["uuid"], "step": 100, "uri": ck2["uri"]}}
+    summary = {"state": "succeeded", "exit_code": 0, "reason": "Completed", "message": "training finished", "step": 100, "total_steps": 100,
+               "loss": 0.11, "latest_checkpoint": {"uuid": ck2["uuid"], "step": 100, "uri": ck2["uri"]}}
     pod_name = env.running_pods("life-train")[0]["metadata"]["name"]
     env.cp.finish_pod(env.ns, pod_name, 0, message=json.dumps(summary))
     obj = env.wait_status("tijob", "life", lambda s: s.get("phase") == "Succeeded", 60, "Succeeded")
@@ -203,7 +203,7 @@ def test_exit_codes_are_classified(env: OpEnv):
     # 75 = pre-empted after a checkpoint: retried without counting, even with backoffLimit 0
     env.create(tijob("preempt", run_policy={"backoffLimit": 0},
                      annotations={"kwok.tinv.io/exit-code": "75", "kwok.tinv.io/run-for": "1s",
-                                  "kwok.tinv.io/message": '{"phase": "Preempted", "reason": "Preempted", "message": "SIGTERM: checkpoint written", "step": 40}'}))
+                                  "kwok.tinv.io/message": '{"state": "running", "exit_code": 75, "reason": "Preempted", "message": "SIGTERM: checkpoint written", "step": 40}'}))
     seen: set[str] = set()
 
     def two_attempts():

@@ -267,6 +267,8 @@ class ControlPlane:
                 self.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
             self._namespaces.clear()
             self._started = False
+            if self.workdir and self.workdir.exists() and not self.keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
             return
         for name in ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self._procs.pop(name, None)
@@ -493,6 +495,8 @@ class ControlPlane:
         return all(n.name in ready for n in self.nodes)
 
     def _start_existing(self) -> None:
+        # scratch space (token kubeconfigs, kubectl and helm caches), removed by stop()
+        self.workdir = Path(tempfile.mkdtemp(prefix="tinv-cp-existing-"))
         if not self.kubeconfig:
             self.kubeconfig = (os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")).split(os.pathsep)[0]
         if self.binaries is None:
@@ -584,8 +588,7 @@ class ControlPlane:
         if ca_pem is None:  # existing cluster: reuse its CA data
             raw = json.loads(self.kubectl("config", "view", "--minify", "--raw", "-o", "json").stdout)
             ca_pem = base64.b64decode(raw["clusters"][0]["cluster"].get("certificate-authority-data", ""))
-        base = Path(self.workdir or tempfile.mkdtemp(prefix="tinv-kc-"))
-        path = base / f"{namespace}-{service_account}-{secrets.token_hex(3)}.kubeconfig"
+        path = Path(self.workdir) / f"{namespace}-{service_account}-{secrets.token_hex(3)}.kubeconfig"
         path.write_text(_kubeconfig(self.server, ca_pem, {"token": token}, name=f"{namespace}-{service_account}"))
         return str(path)
 

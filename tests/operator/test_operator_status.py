@@ -275,6 +275,9 @@ def test_termination_summary_handles_json_and_logs():
     assert S.termination_summary('{"reason": "InvalidSpec", "message": "no images in s3://x"}') == "InvalidSpec; no images in s3://x"
     assert S.termination_summary("line1\nline2\nTraceback...\nValueError: boom\n") == "line2 | Traceback... | ValueError: boom"
     assert S.termination_summary("") is None
+    snake = {"state": "succeeded", "exit_code": 0, "step": 500, "total_steps": 500, "loss": 0.123456,
+             "latest_checkpoint": {"uuid": "c9", "step": 500, "uri": "s3://x/c9"}}
+    assert S.termination_summary(json.dumps(snake)) == "succeeded; step 500/500; loss 0.1235; latest checkpoint c9"
 
 
 # --------------------------------------------------------------------------- patches and events
