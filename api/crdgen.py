@@ -102,28 +102,27 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_objects(schema: dict[str, Any], model: type[Model]) -> None:
-    """Give nested object fields built by default_factory their whole default value.
+    """Give every field built by a default_factory (objects, lists, maps) its whole default value.
 
-    Without a default the apiserver would not apply the defaults *inside* an absent object; and
-    `{}` is not enough, because the apiserver checks a default against the object's CEL rules
-    as written, without applying the inner defaults first.
+    pydantic's schema leaves them out, and then the apiserver would default neither the field nor
+    anything inside it: offline validation (which applies pydantic's defaults) and the apiserver
+    would disagree. A nested object needs its *whole* default, not `{}`: the apiserver checks each
+    default against that node's CEL rules as written, without applying the inner defaults first.
     """
+    from pydantic import TypeAdapter
+
     for name, field in model.model_fields.items():
-        alias = field.alias or name
-        sub = schema.get("properties", {}).get(alias)
+        sub = schema.get("properties", {}).get(field.alias or name)
         if sub is None:
             continue
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, Model):
-            if field.default_factory is not None and sub.get("type") == "object" and "default" not in sub:
-                sub["default"] = field.default_factory().to_doc()
-            _default_objects(sub, ann)
-        else:
-            args = getattr(ann, "__args__", ()) or ()
-            for arg in args:
-                if isinstance(arg, type) and issubclass(arg, Model):
-                    target = sub.get("items", sub) if sub.get("type") == "array" else sub
-                    _default_objects(target, arg)
+        if field.default_factory is not None and "default" not in sub:
+            sub["default"] = TypeAdapter(field.annotation).dump_python(
+                field.default_factory(), mode="json", by_alias=True, exclude_none=True
+            )
+        for arg in (field.annotation, *(getattr(field.annotation, "__args__", ()) or ())):
+            if isinstance(arg, type) and issubclass(arg, Model):
+                target = sub.get("items", sub) if sub.get("type") == "array" else sub
+                _default_objects(target, arg)
 
 
 def schema_for(model: type[Model], *, part: str) -> dict[str, Any]:

@@ -253,6 +253,15 @@ class Reason:
     NON_RETRYABLE_EXIT = "NonRetryableExit"
     SUSPENDED_BY_USER = "SuspendedByUser"
     RESUMED = "Resumed"
+    QUEUED = "Queued"
+    RESOLVED = "Resolved"
+    SPEC_CHANGE_PENDING = "SpecChangePending"
+    STARTING = "Starting"
+    RETRYING = "Retrying"
+    CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CHECKPOINT_RECORDED = "CheckpointRecorded"
+    OUTPUTS_DELETED = "OutputsDeleted"
+    OUTPUTS_KEPT = "OutputsKept"
 
 
 Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
@@ -589,7 +598,7 @@ class EmbeddingRef(Model):
     checkpoint: str = Field(
         default="latest",
         max_length=64,
-        description="With job: a checkpoint uuid, or 'latest' for its newest complete one; default latest.",
+        description="With job: a checkpoint uuid, or 'latest' for the job's final checkpoint (the grid waits until the job has finished); default latest.",
         json_schema_extra=cel(
             Rule(f"self == 'latest' || self.matches('{UUID}')", "checkpoint must be 'latest' or a checkpoint uuid")
         ),
@@ -646,22 +655,37 @@ class GenerationGridSpec(Model):
     """A grid of prompts x parameters x seeds rendered with learned concepts, sharded over workers."""
 
     model: ModelSource = Field(description="The base model; required.", json_schema_extra=cel(immutable("spec.model")))
-    embeddings: list[EmbeddingRef] = Field(default_factory=list, max_length=32, description="Learned concepts to load; default none.")
+    embeddings: list[EmbeddingRef] = Field(
+        default_factory=list, max_length=32, description="Learned concepts to load; default none.", json_schema_extra=cel(immutable("spec.embeddings"))
+    )
     prompts: list[Annotated[str, Field(max_length=2000)]] = Field(
         max_length=256,
         description="Prompts, mentioning concept tokens; at least one.",
         json_schema_extra=cel(
+            immutable("spec.prompts"),
             Rule("size(self) > 0", "a grid needs at least one prompt"),
             Rule("self.all(p, p.matches('\\\\S'))", "prompts must not be blank"),
         ),
     )
-    negative_prompt: str = Field(default="", max_length=2000, description="Negative prompt for every image; default empty.")
-    grid: GridAxes = Field(default_factory=GridAxes, description="Grid axes; default one cell per prompt.")
-    images_per_cell: int = Field(default=1, ge=1, le=256, description="Images per grid cell, with consecutive seeds; default 1.")
+    negative_prompt: str = Field(
+        default="", max_length=2000, description="Negative prompt for every image; default empty.", json_schema_extra=cel(immutable("spec.negativePrompt"))
+    )
+    grid: GridAxes = Field(
+        default_factory=GridAxes, description="Grid axes; default one cell per prompt.", json_schema_extra=cel(immutable("spec.grid"))
+    )
+    images_per_cell: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Images per grid cell, with consecutive seeds; default 1.",
+        json_schema_extra=cel(immutable("spec.imagesPerCell")),
+    )
     batch_size: int = Field(default=2, ge=1, le=64, description="Images rendered together per forward pass; default 2.")
     precision: Precision = Field(default="auto", description="Compute dtype: auto is bf16 on GPUs that have it, fp16 on others, fp32 on CPU; default auto.")
     resources: Resources = Field(default_factory=Resources, description="Parallel workers, GPUs and placement; default one worker with one GPU.")
-    storage: Storage = Field(default_factory=Storage, description="Where images go; default: the operator's default storage.")
+    storage: Storage = Field(
+        default_factory=Storage, description="Where images go; default: the operator's default storage.", json_schema_extra=cel(immutable("spec.storage"))
+    )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Suspend, retries, deadline and clean-up; default: run, 3 retries.")
 
     __cel__ = (

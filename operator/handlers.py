@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 
 from tinv.api.models import GROUP, VERSION
+from tinv.api.models import Reason as R
 
 from . import builders as B
 from .config import OperatorConfig
@@ -174,11 +175,11 @@ def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, conf
         except Exception as err:  # noqa: BLE001 - storage errors, unreachable endpoints ...
             if retry + 1 < attempts:
                 raise kopf.TemporaryError(f"cannot delete the outputs yet ({short(str(err), 300)})", delay=min(60, 5 * 2**retry)) from None
-            controller.post_event(kind, meta, "Warning", "OutputsKept",
+            controller.post_event(kind, meta, "Warning", R.OUTPUTS_KEPT,
                                   f"gave up deleting the outputs after {attempts} attempts: {short(str(err), 600)}; they are kept")
             controller.forget((kind, meta.get("namespace"), meta.get("name")))
             return
-        controller.post_event(kind, meta, "Normal", "OutputsDeleted", message)
+        controller.post_event(kind, meta, "Normal", R.OUTPUTS_DELETED, message)
         controller.forget((kind, meta.get("namespace"), meta.get("name")))
 
     on.delete(GROUP, VERSION, plural, id="cleanup-outputs", when=wants_cleanup, registry=registry)(cleanup_outputs)

@@ -22,18 +22,13 @@ from tinv.api.storage import join
 from .builders import GPU_RESOURCE, GRID, TIJOB
 
 
-def _reason(name: str, default: str) -> str:
-    """A reason constant from tinv.api.models.Reason, with a fallback for ones not in the contract yet."""
-    return getattr(R, name, default)
-
-
-QUEUED = _reason("QUEUED", "Queued")
-RESOLVED = _reason("RESOLVED", "Resolved")
-SPEC_CHANGE_PENDING = _reason("SPEC_CHANGE_PENDING", "SpecChangePending")
-STARTING = _reason("STARTING", "Starting")
-RETRYING = _reason("RETRYING", "Retrying")
-CONTAINER_CONFIG_ERROR = _reason("CONTAINER_CONFIG_ERROR", "CreateContainerConfigError")
-CHECKPOINT_RECORDED = _reason("CHECKPOINT_RECORDED", "CheckpointRecorded")
+QUEUED = R.QUEUED
+RESOLVED = R.RESOLVED
+SPEC_CHANGE_PENDING = R.SPEC_CHANGE_PENDING
+STARTING = R.STARTING
+RETRYING = R.RETRYING
+CONTAINER_CONFIG_ERROR = R.CONTAINER_CONFIG_ERROR
+CHECKPOINT_RECORDED = R.CHECKPOINT_RECORDED
 
 TERMINAL = ("Succeeded", "Failed")
 WARNING_REASONS = {

@@ -249,49 +249,8 @@ def elapsed(t0: float) -> float:
 
 
 def apply_crds(cp: Any) -> list[str]:
-    """Apply deploy/crds; if the apiserver refuses the GenerationGrid CRD because a nested default
-    object fails its own CEL rule (`grid: default {}` vs "every grid axis needs at least one
-    value"), apply a copy whose `grid` default is the fully defaulted object instead (a test-side
-    workaround until tinv.api.crdgen emits it; the refusal is reported, not hidden)."""
-    import tempfile
-
-    import yaml
-    from harness.controlplane import CRD_DIR, CrdApplyError
-
-    from harness import KubectlError
-
-    try:
-        for attempt in range(5):
-            try:
-                return cp.apply_crds()
-            except KubectlError as err:
-                # `kubectl wait --for=condition=Established` right after the apply can fail with
-                # ".status.conditions accessor error" before the CRD has a status: try again
-                if "accessor error" not in str(err) or attempt == 4:
-                    raise
-                time.sleep(0.5)
-        raise AssertionError("unreachable")
-    except CrdApplyError as err:
-        bad = [f for f in err.errors if "generationgrids" in f]
-        if not bad or set(err.errors) != set(bad):
-            raise
-        from tinv.api.models import GridAxes
-
-        doc = yaml.safe_load((CRD_DIR / bad[0]).read_text())
-        spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        spec["properties"]["grid"]["default"] = GridAxes().to_doc()
-        tmp = Path(tempfile.mkdtemp(prefix="tinv-crd-"))
-        (tmp / bad[0]).write_text(yaml.safe_dump(doc))
-        for attempt in range(5):
-            try:
-                cp.apply_crds(tmp)
-                break
-            except KubectlError as again:
-                if "accessor error" not in str(again) or attempt == 4:
-                    raise
-                time.sleep(0.5)
-        print(f"WARNING: {err}; applied a patched copy (grid default filled in)", file=sys.stderr)
-        return [*err.applied, doc["metadata"]["name"]]
+    """Apply deploy/crds (the harness waits until each is Established)."""
+    return cp.apply_crds()
 
 
 # --------------------------------------------------------------------------- test environments

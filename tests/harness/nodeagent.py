@@ -155,9 +155,13 @@ class NodeAgent:
 
     @staticmethod
     def _rewrite(text: str, mounts: dict[str, Path]) -> str:
-        for mount in sorted(mounts, key=len, reverse=True):
-            text = re.sub(rf"(?<![\w/]){re.escape(mount)}(?=/|$|\s|\b)", str(mounts[mount]), text)
-        return text
+        """Map container paths under a mount to the local folder, in one pass (a local folder may
+        itself lie under a mount path such as /tmp, so replacing mounts one by one would nest)."""
+        if not mounts:
+            return text
+        alternatives = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![\w/.])({alternatives})(?=/|$|\s|[\"':;,])")
+        return pattern.sub(lambda m: str(mounts[m.group(1)]), text)
 
     def run_pod(self, name: str) -> PodRun:
         """Run one Running pod's first container to completion and finish the pod with its result."""

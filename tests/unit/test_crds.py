@@ -110,3 +110,40 @@ def test_every_default_passes_its_own_schema_rules():
             if node["type"] == "object":
                 for name in node.get("required", []):
                     assert name in node["default"], f"{path}: default lacks required {name}"
+
+
+def _default_pairs(model, schema, path):
+    from pydantic import TypeAdapter
+    from pydantic_core import PydanticUndefined
+
+    from tinv.api._base import Model
+
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        sub = schema.get("properties", {}).get(alias)
+        if sub is None:
+            continue
+        if field.default_factory is not None:
+            expected = TypeAdapter(field.annotation).dump_python(field.default_factory(), mode="json", by_alias=True, exclude_none=True)
+            yield f"{path}.{alias}", expected, sub.get("default")
+        elif field.default is not PydanticUndefined and field.default is not None:
+            expected = TypeAdapter(field.annotation).dump_python(field.default, mode="json", by_alias=True)
+            yield f"{path}.{alias}", expected, sub.get("default")
+        for arg in (field.annotation, *(getattr(field.annotation, "__args__", ()) or ())):
+            if isinstance(arg, type) and issubclass(arg, Model):
+                target = sub.get("items", sub) if sub.get("type") == "array" else sub
+                yield from _default_pairs(arg, target, f"{path}.{alias}")
+
+
+@pytest.mark.parametrize("kind", sorted(RESOURCES))
+def test_the_apiserver_defaults_exactly_what_offline_validation_defaults(kind):
+    """A field pydantic defaults but the CRD does not would pass `tinv validate` and then be refused
+    (or read differently) in the cluster, e.g. a grid that gives only some of its axes."""
+    from tinv.api.crdgen import schema_for
+
+    model = RESOURCES[kind]
+    spec_model = model.model_fields["spec"].annotation
+    pairs = list(_default_pairs(spec_model, schema_for(model, part="spec"), "spec"))
+    assert len(pairs) > 20
+    wrong = [(p, e, a) for p, e, a in pairs if e != a]
+    assert not wrong, wrong

@@ -34,24 +34,31 @@ app.kubernetes.io/component: operator
 {{ .Values.operatorStorageCredentialsSecret | default .Values.defaults.storage.credentialsSecret }}
 {{- end -}}
 
-{{/* The operator's permissions: exactly what its handlers use, nothing on Secrets. */}}
+{{/* The operator's permissions: exactly what its handlers use (tested), nothing on Secrets. */}}
 {{- define "tinv.rules" -}}
 - apiGroups: ["tinv.io"]
   resources: ["textualinversionjobs", "generationgrids"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["tinv.io"]
   resources: ["textualinversionjobs/status", "generationgrids/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
+# blockOwnerDeletion on child objects needs this where OwnerReferencesPermissionEnforcement is on.
+- apiGroups: ["tinv.io"]
+  resources: ["textualinversionjobs/finalizers", "generationgrids/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-- apiGroups: ["", "events.k8s.io"]
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
