@@ -30,36 +30,15 @@ in code (builtin:sd15-random; the same FLOPs as the real weights, no download) o
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "generate.jsonl"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+from common import RESULTS_DIR, Results  # noqa: E402
 
 
 def model_source(model: str) -> str:
@@ -192,7 +171,7 @@ def main() -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the plain diffusers pipeline")
     p.add_argument("--grid", action="store_true", help="also time `tinv generate` end to end at the largest batch size")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--record", action="store_true", help=f"append the JSON lines to {RESULTS.relative_to(REPO)}")
+    p.add_argument("--record", action="store_true", help=f"append the JSON lines to {(RESULTS_DIR / 'generate.jsonl').relative_to(REPO)}")
     args = p.parse_args()
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -214,16 +193,12 @@ def main() -> int:
     from tinv.trainer import models
 
     dtype = G.pick_dtype(args.precision, torch.device(args.device))
-    rev, dev = git_revision(), device_name(args.device)
     base_cfg = {"model": args.model, "size": args.size, "steps": args.steps, "scheduler": args.scheduler,
                 "guidance": args.guidance, "precision": args.precision, "argv": " ".join(sys.argv[1:])}
-    rows: list[dict] = []
+    results = Results("generate", record=args.record, device=args.device)
 
     def emit(name: str, value: float, unit: str, **cfg) -> None:
-        row = {"name": name, "value": round(value, 4), "unit": unit, "config": {**base_cfg, **cfg}, "git_revision": rev,
-               "device": dev, "torch": torch.__version__, "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        results.emit(name, value, unit, {**base_cfg, **cfg}, torch=torch.__version__)
 
     bundle = models.load(model_source(args.model))
     for m in (bundle.unet, bundle.vae, bundle.text_encoder):
@@ -256,12 +231,7 @@ def main() -> int:
         r = bench_grid(args, bs, comp)
         emit("grid_images_per_second", r["images_per_second"], "images/s", impl="tinv generate (end to end)", batch_size=bs,
              compile=comp, images=r["images"])
-    if args.record:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"appended {len(rows)} results to {RESULTS}", file=sys.stderr)
+    results.close()
     return 0
 
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,26 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "cluster")]
 
+from common import Results, device_name  # noqa: E402
 
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def device() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model or platform.machine()}, {os.cpu_count()} cores (shared with the control plane)"
+DEVICE = device_name("cpu") + " (shared with the control plane)"
 
 
 class ProcWatch:
@@ -119,10 +100,10 @@ def run_one(n: int, args) -> list[dict]:
     config = {"n": n, "mode": args.mode, "pods": args.pods, "poll_interval_s": args.poll_interval, "api_workers": args.api_workers,
               "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)"}
 
+    results = Results("operator")
+
     def row(name: str, value: float, unit: str) -> None:
-        r = {"name": name, "value": round(value, 3), "unit": unit, "config": config, "git_revision": git_revision(), "device": device()}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        rows.append(results.emit(name, value, unit, config, digits=3, device=DEVICE))
 
     work = Path(tempfile.mkdtemp(prefix="tinv-bench-op-"))
     store = work / "store"
@@ -276,13 +257,9 @@ def main() -> int:
     rows: list[dict] = []
     for n in args.n or [100]:
         rows += run_one(n, args)
-    if args.record:
-        out = REPO / "bench" / "results" / "operator.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(f"recorded {len(rows)} rows in {out.relative_to(REPO)}", file=sys.stderr)
+    results = Results("operator", record=args.record)
+    results.rows = rows
+    results.close()
     return 0
 
 

@@ -33,26 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import Results
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def peak_mib(device: str) -> float:
@@ -176,8 +159,8 @@ def run_naive(args) -> dict:
     return {"samples_per_second": timed * args.accum / total_t, "peak_mib": peak_mib(args.device), "final_loss": float(loss) * args.accum}
 
 
-def rows(args, recipe: str, out: dict) -> list[dict]:
-    cfg = {
+def config(args, recipe: str) -> dict:
+    return {
         "recipe": recipe,
         "model": args.model,
         "resolution": model_ref(args.model)[1],
@@ -190,11 +173,6 @@ def rows(args, recipe: str, out: dict) -> list[dict]:
         "threads": args.threads,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    common = {"config": cfg, "git_revision": git_revision(), "device": device_name(args.device)}
-    return [
-        {"name": "train_samples_per_second", "value": round(out["samples_per_second"], 3), "unit": "samples/s", **common},
-        {"name": "train_peak_memory_mib", "value": round(out["peak_mib"], 1), "unit": "MiB", **common},
-    ]
 
 
 def main() -> int:
@@ -210,6 +188,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="tinv: torch.compile the UNet")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: 64 for tiny, 512 for sd15)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both recipes (default: 1 on CPU -- fair and fastest for the tiny model on a shared machine)")
+    p.add_argument("--record", action="store_true", help="append the JSON lines to bench/results/train.jsonl")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps is None:
@@ -230,19 +209,23 @@ def main() -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     results = {}
+    out = Results("train", record=args.record, device=args.device)
     for recipe in (["tinv", "naive"] if args.recipe == "both" else [args.recipe]):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--_child", recipe]
+        cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--record"], "--_child", recipe]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             sys.stderr.write(proc.stderr[-4000:])
             return proc.returncode or 1
         results[recipe] = json.loads(line[-1][len("RESULT ") :])
-        for row in rows(args, recipe, results[recipe]):
-            print(json.dumps(row), flush=True)
+        cfg = config(args, recipe)
+        out.emit("train_samples_per_second", results[recipe]["samples_per_second"], "samples/s", cfg, digits=3)
+        out.emit("train_peak_memory_mib", results[recipe]["peak_mib"], "MiB", cfg, digits=1)
     if len(results) == 2:
         sp = results["tinv"]["samples_per_second"] / results["naive"]["samples_per_second"]
-        print(json.dumps({"name": "speedup", "value": round(sp, 2), "unit": "x", "config": {"model": args.model, "tinv_batch": args.batch, "accumulation": args.accum, "versus": "naive (diffusers textual_inversion.py recipe)"}, "git_revision": git_revision(), "device": device_name(args.device)}), flush=True)
+        out.emit("speedup", sp, "x", {"model": args.model, "tinv_batch": args.batch, "accumulation": args.accum,
+                                      "versus": "naive (diffusers textual_inversion.py recipe)"}, digits=2)
+    out.close()
     return 0
 
 
