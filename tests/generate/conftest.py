@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from gridkit import GRID, TOKEN, vectors
+from testkit import merge
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -19,8 +20,6 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-TOKEN = "<blob>"
-WIDTH = 32  # the tiny model's text width
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +29,6 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
     monkeypatch.delenv("TINV_SHARDS", raising=False)
     logging.getLogger("tinv.trainer").setLevel(logging.INFO)
-
-
-def vectors(n: int = 2, width: int = WIDTH, seed: int = 0) -> "torch.Tensor":
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, width, generator=g) * 0.4 / width**0.5 * 4
 
 
 @pytest.fixture(scope="session")
@@ -54,40 +48,6 @@ def engine(concept_file):
     from tinv.trainer import generate as G
 
     return G.load_engine("builtin:tiny", [str(concept_file)], device="cpu", precision="fp32")
-
-
-GRID = {
-    "apiVersion": "tinv.io/v1alpha1",
-    "kind": "GenerationGrid",
-    "metadata": {"name": "g", "namespace": "ns"},
-    "spec": {
-        "model": {"source": "builtin:tiny"},
-        "embeddings": [{"uri": "CONCEPT"}],
-        "prompts": [f"a photo of a {TOKEN}", f"a {TOKEN} in the style of van gogh"],
-        "negativePrompt": "blurry",
-        "grid": {
-            "guidanceScales": [1, 5],
-            "steps": [2],
-            "schedulers": ["ddim"],
-            "seeds": [0, 1],
-            "sizes": [{"width": 64, "height": 64}],
-        },
-        "imagesPerCell": 1,
-        "batchSize": 3,
-        "precision": "fp32",
-        "resources": {"workers": 1, "gpusPerWorker": 0},
-    },
-}
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 @pytest.fixture
@@ -119,7 +79,3 @@ def grid_yaml(make_grid, tmp_path):
         return p
 
     return write
-
-
-def pngs(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("*.png"))

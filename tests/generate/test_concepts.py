@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import vectors
+from gridkit import vectors
 from tinv.trainer import concepts as C
 from tinv.trainer import formats
 from tinv.trainer import generate as G

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOKEN, vectors  # noqa: F401  (tests/generate/conftest.py)
+from gridkit import TOKEN, vectors  # noqa: F401  (tests/generate/gridkit.py)
 from tinv.trainer import generate as G
 from tinv.trainer.errors import ConfigError
 

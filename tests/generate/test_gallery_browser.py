@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pngs
 from tinv.trainer import generate as G
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -35,7 +34,8 @@ def chromium(args: list[str], tmp_path: Path, timeout: int = 90) -> subprocess.C
 def gallery(tmp_path_factory, concept_file):
     from tinv.api.models import GenerationGrid
 
-    from conftest import GRID, merge
+    from gridkit import GRID
+    from testkit import merge
 
     tmp = tmp_path_factory.mktemp("gallery")
     doc = merge(GRID, {"spec": {"storage": {"uri": str(tmp / "runs")}, "grid": {"schedulers": ["ddim", "euler"]}}})

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TOKEN
+from gridkit import TOKEN
 from tinv.trainer import generate as G
 from tinv.trainer import generate_cli
 from tinv.trainer.errors import ConfigError

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TOKEN, pngs
+from gridkit import TOKEN, pngs
 from tinv.trainer import generate as G
 from tinv.trainer import generate_cli
 
@@ -154,7 +153,7 @@ def test_bad_grids_exit_2_with_the_field_named(grid_yaml, tmp_path, capsys, spec
 
     path = grid_yaml()
     doc = yaml.safe_load(path.read_text())
-    from conftest import merge
+    from testkit import merge
 
     doc = merge(doc, {"spec": spec})
     path.write_text(yaml.safe_dump(doc))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TOKEN, vectors
+from gridkit import TOKEN, vectors
 from tinv.trainer import generate as G
 from tinv.trainer import generate_cli
 

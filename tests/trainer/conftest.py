@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from testkit import merge  # noqa: F401  (used by the fixtures below)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -64,16 +64,6 @@ BASE = {
         },
     },
 }
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 @pytest.fixture
