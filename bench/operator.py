@@ -30,6 +30,9 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -92,6 +95,32 @@ def apiserver_requests(cp, resource: str) -> dict[str, float]:
     return out
 
 
+def start_profiler(pid: int, out: str) -> subprocess.Popen:
+    """Sample the running operator with py-spy (collapsed stacks), at a rate low enough not to skew it."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50", "--nonblocking", "-o", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_profiler(spy: subprocess.Popen, out: str, top: int = 15) -> None:
+    """Stop py-spy (it writes on SIGINT) and print the functions with the most samples of their own."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    own: dict[str, int] = {}
+    total = 0
+    for line in Path(out).read_text().splitlines() if Path(out).exists() else []:
+        stack, _, count = line.rpartition(" ")
+        frame = stack.rsplit(";", 1)[-1]
+        own[frame] = own.get(frame, 0) + int(count)
+        total += int(count)
+    print(f"py-spy: {total} samples of the operator in {out}; top functions by own samples:", file=sys.stderr)
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * count / max(total, 1):5.1f}%  {frame}", file=sys.stderr)
+
+
 def run_one(n: int, args) -> list[dict]:
     from harness import ControlPlane
     from operator_helpers import OperatorProcess, apply_crds, metric_value, run_root, tijob, write_checkpoint, write_progress
@@ -123,10 +152,14 @@ def run_one(n: int, args) -> list[dict]:
             body = tijob(f"bench-{i:05d}", gpu_class=None, region=None, run_policy=suspend)
             return api.create_namespaced_custom_object("tinv.io", "v1alpha1", ns, "textualinversionjobs", body)
 
+        spy = None
+
         def start_operator() -> None:
-            nonlocal watch
+            nonlocal watch, spy
             op.start()
             watch = ProcWatch(op.proc.pid)
+            if args.profile:
+                spy = start_profiler(op.proc.pid, args.profile)
             deadline = time.monotonic() + 60
             while True:  # up when its metrics endpoint answers
                 try:
@@ -235,6 +268,8 @@ def run_one(n: int, args) -> list[dict]:
         finally:
             if watch is not None:
                 watch.close()
+            if spy is not None:
+                stop_profiler(spy, args.profile)
             op.stop()
             if args.keep_logs:
                 print(op.logs(100), file=sys.stderr)
@@ -253,6 +288,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600, help="give up after this many seconds per phase")
     p.add_argument("--record", action="store_true", help="append the rows to bench/results/operator.jsonl")
     p.add_argument("--keep-logs", action="store_true", help="print the operator's log tail at the end")
+    p.add_argument("--profile", metavar="FILE", help="sample the operator with py-spy (pip install py-spy) into FILE "
+                   "(collapsed stacks, for flamegraph tools) and print its top functions by own time")
     args = p.parse_args()
     rows: list[dict] = []
     for n in args.n or [100]:
