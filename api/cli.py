@@ -23,8 +23,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING_EXTRA = 0, 1, 2, 3
 # where argv[0] is the command name.
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "train": ("tinv.trainer.cli", "trainer", "train the concepts of a TextualInversionJob (what the operator's pods run)"),
-    "generate": ("tinv.trainer.generate_cli", "trainer", "render a GenerationGrid, or one shard of it (--shard i/n)"),
-    "reproduce": ("tinv.trainer.generate_cli", "trainer", "re-render one grid image from the parameters in its PNG metadata"),
+    "generate": ("tinv.trainer.cli", "trainer", "render a GenerationGrid, or one shard of it (--shard i/n)"),
+    "reproduce": ("tinv.trainer.cli", "trainer", "re-render one grid image from the parameters in its PNG metadata"),
     "operator": ("tinv.operator.main", "operator", "run the kopf operator for one or more namespaces"),
 }
 LOCAL_HELP = {

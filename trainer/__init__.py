@@ -10,12 +10,12 @@ Modules (the loop is small; formats, storage and reporting sit beside it, not in
 - :mod:`.formats`    embedding files: diffusers safetensors, AUTOMATIC1111 .pt, Determined dict
 - :mod:`.checkpoint` checkpoint folders, manifests, retention, resume sources
 - :mod:`.reporting`  progress.json, TensorBoard, Prometheus, termination message, progress bar
-- :mod:`.cli`        `tinv train JOB.yaml` / `python -m tinv.trainer train JOB.yaml`
+- :mod:`.cli`        the trainer's commands (`tinv train`, `tinv generate`, `tinv reproduce`, helpers); `python -m tinv.trainer`
 - :mod:`.generate`   the generation engine and grid runner (expansion, sharding, batching, resume)
 - :mod:`.concepts`   resolving embedding references (job + uuid/latest, URIs, paths) to loaded vectors
 - :mod:`.gallery`    index.json, contact sheets and the static index.html gallery
 - :mod:`.pipeline`   the notebook API (`ConceptPipeline.load(model, concepts=[...])`)
-- :mod:`.generate_cli` `tinv generate GRID.yaml [--shard i/n]` and `tinv reproduce IMAGE.png`
+- :mod:`.generate_cli` the `generate` and `reproduce` commands
 - :mod:`.errors`     exceptions and exit codes (0 ok, 1 internal, 2 invalid, 69 unavailable,
                      75 pre-empted after a checkpoint, 130 Ctrl-C)
 

@@ -1,4 +1,4 @@
-"""`python -m tinv.trainer train JOB.yaml` (also what torchrun runs: `torchrun ... -m tinv.trainer train JOB.yaml`)."""
+"""`python -m tinv.trainer COMMAND ...`: train, generate, reproduce and helpers (torchrun runs `-m tinv.trainer train JOB.yaml`)."""
 
 import sys
 

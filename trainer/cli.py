@@ -1,4 +1,5 @@
-"""``tinv train JOB.yaml`` (also ``python -m tinv.trainer train JOB.yaml``) and helper commands.
+"""The trainer's commands: ``tinv train``, ``tinv generate``, ``tinv reproduce`` (the last two live in
+:mod:`.generate_cli`) and helpers; ``python -m tinv.trainer COMMAND ...`` runs the same.
 
     tinv train JOB.yaml [--model SRC] [--storage URI] [--steps N] [--device cpu|cuda]
                         [--micro-batch N] [--metrics-port P] [--termination-message-path P]
@@ -188,7 +189,20 @@ def cmd_tiny_model(argv: list[str]) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "samples": cmd_samples, "inspect": cmd_inspect, "tiny-model": cmd_tiny_model}
+COMMANDS = {
+    "train": cmd_train,
+    "generate": lambda argv: _generate_cli().cmd_generate(argv),
+    "reproduce": lambda argv: _generate_cli().cmd_reproduce(argv),
+    "samples": cmd_samples,
+    "inspect": cmd_inspect,
+    "tiny-model": cmd_tiny_model,
+}
+
+
+def _generate_cli():
+    from . import generate_cli
+
+    return generate_cli
 
 
 def main(argv: list[str] | None = None) -> int:

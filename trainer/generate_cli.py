@@ -213,23 +213,3 @@ def cmd_reproduce(argv: list[str]) -> int:
             verdict += f" (made on {meta.get('device')}, reproduced on {new_meta.get('device')})"
     print(f"{out}: {verdict}")
     return EXIT_OK if same or not args.check else EXIT_INTERNAL
-
-
-COMMANDS = {"generate": cmd_generate, "reproduce": cmd_reproduce}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; argv[0] is the command (``generate`` or ``reproduce``), as tinv.api.cli passes it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return EXIT_OK if argv else EXIT_INVALID
-    cmd = COMMANDS.get(argv[0])
-    if cmd is None:
-        print(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
-        return EXIT_INVALID
-    return cmd(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

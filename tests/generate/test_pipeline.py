@@ -9,7 +9,7 @@ import pytest
 
 from gridkit import TOKEN
 from tinv.trainer import generate as G
-from tinv.trainer import generate_cli
+from tinv.trainer import cli as trainer_cli
 from tinv.trainer.errors import ConfigError
 from tinv.trainer.pipeline import ConceptPipeline
 
@@ -34,7 +34,7 @@ def test_call_sheet_save_and_reproduce(pipe, tmp_path):
 
     paths = pipe.save(images, tmp_path / "out")
     assert len(paths) == 4 and G.read_png_metadata(paths[1])["seed"] == 8
-    assert generate_cli.main(["reproduce", str(paths[3]), "--out", str(tmp_path / "r.png"), "--check"]) == 0
+    assert trainer_cli.main(["reproduce", str(paths[3]), "--out", str(tmp_path / "r.png"), "--check"]) == 0
 
 
 def test_with_concepts_shares_the_model_and_keeps_each_pipeline_right(pipe, concept_file):

@@ -10,11 +10,11 @@ import pytest
 
 from gridkit import TOKEN, pngs
 from tinv.trainer import generate as G
-from tinv.trainer import generate_cli
+from tinv.trainer import cli as trainer_cli
 
 
 def run(*argv: str) -> int:
-    return generate_cli.main(list(argv))
+    return trainer_cli.main(list(argv))
 
 
 def images_dir(tmp_path: Path, name: str = "g", ns: str = "ns") -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 from gridkit import TOKEN, vectors
 from tinv.trainer import generate as G
-from tinv.trainer import generate_cli
+from tinv.trainer import cli as trainer_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -49,6 +49,6 @@ def test_grid_in_object_storage(s3_server, make_grid, monkeypatch, tmp_path):
     assert meta["embeddings"][0]["uri"] == f"s3://{bucket}/concepts/blob"
 
     out = tmp_path / "again.png"
-    assert generate_cli.main(["reproduce", f"s3://{bucket}/{pngs[2]}", "--out", str(out), "--check"]) == 0
+    assert trainer_cli.main(["reproduce", f"s3://{bucket}/{pngs[2]}", "--out", str(out), "--check"]) == 0
     original = G.decode_png(s3.get_object(Bucket=bucket, Key=pngs[2])["Body"].read())
     assert np.array_equal(original, G.decode_png(out.read_bytes()))
