@@ -67,6 +67,15 @@ class NodeAgent:
             raise ContainerConfigError(f'secret "{name}" not found')
         return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
 
+    def _referenced_secret(self, ref: dict[str, Any]) -> dict[str, str] | None:
+        """A referenced Secret's data; None when it is missing and the reference is optional."""
+        try:
+            return self._secret(ref["name"])
+        except ContainerConfigError:
+            if ref.get("optional"):
+                return None
+            raise
+
     def _configmap(self, name: str) -> dict[str, str]:
         obj = self._get("configmap", name)
         if obj is None:
@@ -88,13 +97,9 @@ class NodeAgent:
         for src in container.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "secretRef" in src:
-                ref = src["secretRef"]
-                try:
-                    data = self._secret(ref["name"])
-                except ContainerConfigError:
-                    if ref.get("optional"):
-                        continue
-                    raise
+                data = self._referenced_secret(src["secretRef"])
+                if data is None:
+                    continue
             else:
                 data = self._configmap(src["configMapRef"]["name"])
             env.update({prefix + k: v for k, v in data.items()})
@@ -106,12 +111,9 @@ class NodeAgent:
             source = item.get("valueFrom", {})
             if "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
-                try:
-                    data = self._secret(ref["name"])
-                except ContainerConfigError:
-                    if ref.get("optional"):
-                        continue
-                    raise
+                data = self._referenced_secret(ref)
+                if data is None:
+                    continue
                 if ref["key"] not in data:
                     if ref.get("optional"):
                         continue
