@@ -10,8 +10,9 @@ import pytest
 from gridkit import GRID, TOKEN, vectors
 from testkit import merge
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+# The suite needs the trainer extra (`make setup` installs it): fail loudly, never skip a layer.
+import diffusers  # noqa: E402,F401
+import torch  # noqa: E402
 
 # One thread: the tiny model gains nothing from more, and on a busy 2-core machine OpenMP's
 # spin-waiting makes two threads much slower. Subprocesses inherit it.

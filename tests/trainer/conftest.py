@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from testkit import merge  # noqa: F401  (used by the fixtures below)
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+# The suite needs the trainer extra (`make setup` installs it): fail loudly, never skip a layer.
+import diffusers  # noqa: E402,F401
+import torch  # noqa: E402
 
 # One thread: the tiny model gains nothing from more, and on a busy 2-core machine OpenMP's
 # spin-waiting makes two threads ~20x slower. Subprocesses (CLI, torchrun) inherit it.
