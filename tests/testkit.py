@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -14,3 +16,11 @@ def merge(a: dict, b: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def write_resource(path: Path, resource: Any) -> Path:
+    """Write a tinv.api resource as the YAML a user would apply; return the path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(resource.to_doc(), sort_keys=False))
+    return path

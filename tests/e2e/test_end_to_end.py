@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +56,19 @@ def _wait(cp, predicate, timeout, what, diagnostics):
         return cp.wait_for(predicate, timeout=timeout, interval=1.0, what=what)
     except Exception as err:  # noqa: BLE001 - add every log that explains the failure
         raise AssertionError(f"{err}\n{diagnostics()}") from None
+
+
+def _succeeded(cp, ns: str, kind: str, name: str, needs: str, diagnostics):
+    """A predicate: the resource once it is Succeeded with status.<needs> set; a Failed one fails the test at once."""
+
+    def check():
+        obj = cp.get_json(kind, name, "-n", ns)
+        status = obj.get("status") or {}
+        if status.get("phase") == "Failed":
+            raise AssertionError(f"{kind} {name} failed: {json.dumps(status, indent=1)}\n{diagnostics()}")
+        return obj if status.get("phase") == "Succeeded" and status.get(needs) else None
+
+    return check
 
 
 def test_helm_install_train_and_generate_end_to_end(control_plane, tinv_crds, s3_server, tmp_path):
@@ -118,14 +130,8 @@ def test_helm_install_train_and_generate_end_to_end(control_plane, tinv_crds, s3
             }
             cp.kubectl("apply", "-f", "-", "-n", ns, input=yaml.safe_dump(job))
 
-            def job_done():
-                obj = cp.get_json("tijob", "det-logo", "-n", ns)
-                status = obj.get("status") or {}
-                if status.get("phase") == "Failed":
-                    raise AssertionError(f"job failed: {json.dumps(status, indent=1)}\n{diagnostics()}")
-                return obj if status.get("phase") == "Succeeded" and status.get("latestCheckpoint") else None
-
-            done = _wait(cp, job_done, 600, "the TextualInversionJob to succeed", diagnostics)
+            done = _wait(cp, _succeeded(cp, ns, "tijob", "det-logo", "latestCheckpoint", diagnostics), 600,
+                         "the TextualInversionJob to succeed", diagnostics)
             status = done["status"]
             latest = status["latestCheckpoint"]
             assert latest["step"] == 30 and latest["uri"].startswith(f"s3://{bucket}/runs/{ns}/det-logo-")
@@ -167,14 +173,8 @@ def test_helm_install_train_and_generate_end_to_end(control_plane, tinv_crds, s3
             }
             cp.kubectl("apply", "-f", "-", "-n", ns, input=yaml.safe_dump(grid))
 
-            def grid_done():
-                obj = cp.get_json("ggrid", "det-logo-grid", "-n", ns)
-                status = obj.get("status") or {}
-                if status.get("phase") == "Failed":
-                    raise AssertionError(f"grid failed: {json.dumps(status, indent=1)}\n{diagnostics()}")
-                return obj if status.get("phase") == "Succeeded" and status.get("galleryUri") else None
-
-            gdone = _wait(cp, grid_done, 600, "the GenerationGrid to succeed", diagnostics)
+            gdone = _wait(cp, _succeeded(cp, ns, "ggrid", "det-logo-grid", "galleryUri", diagnostics), 600,
+                          "the GenerationGrid to succeed", diagnostics)
             gstatus = gdone["status"]
             assert gstatus["resolvedEmbeddings"][0]["checkpoint"] == latest["uuid"]  # 'latest' made concrete
             assert gstatus["galleryUri"].startswith(f"s3://{bucket}/runs/{ns}/det-logo-grid-")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from gridkit import GRID, TOKEN, vectors
-from testkit import merge
+from testkit import merge, write_resource
 
 # The suite needs the trainer extra (`make setup` installs it): fail loudly, never skip a layer.
 import diffusers  # noqa: E402,F401
@@ -71,12 +71,7 @@ def make_grid(concept_file, tmp_path):
 @pytest.fixture
 def grid_yaml(make_grid, tmp_path):
     """grid_yaml(**make_grid kwargs) -> path of the grid written as YAML."""
-    import yaml
-
     def write(name: str = "grid.yaml", **kw) -> Path:
-        grid = make_grid(**kw)
-        p = tmp_path / name
-        p.write_text(yaml.safe_dump(grid.to_doc(), sort_keys=False))
-        return p
+        return write_resource(tmp_path / name, make_grid(**kw))
 
     return write

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from testkit import merge  # noqa: F401  (used by the fixtures below)
+from testkit import merge, write_resource  # noqa: F401  (used by the fixtures below)
 
 # The suite needs the trainer extra (`make setup` installs it): fail loudly, never skip a layer.
 import diffusers  # noqa: E402,F401
@@ -89,12 +89,7 @@ def make_job(logo_dir, tmp_path):
 @pytest.fixture
 def job_yaml(make_job, tmp_path):
     """job_yaml(**make_job kwargs) -> path of the job written as YAML."""
-    import yaml
-
     def write(name: str = "job.yaml", **kw) -> Path:
-        job = make_job(**kw)
-        p = tmp_path / name
-        p.write_text(yaml.safe_dump(job.to_doc(), sort_keys=False))
-        return p
+        return write_resource(tmp_path / name, make_job(**kw))
 
     return write
