@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         out = outcome_of(e)
         if out.code == EXIT_INTERNAL:  # a bug or a hardware fault: keep the traceback in the log
             traceback.print_exc()
-        print(f"tinv {argv[0]}: {out.message}", file=sys.stderr)
+        print(f"tinv {argv[0]}: {out.message}", file=sys.stderr, flush=True)
         write_termination_message(ctx.termination, {"state": out.state, "exit_code": out.code, "reason": out.reason,
                                                     "message": out.message[:2000]})
+        e.reported = True  # a stop watchdog (runtime.StopFlag) must not say it twice
         return out.code

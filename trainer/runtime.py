@@ -10,6 +10,12 @@ what was saved:
   to end could outlast the pod's grace period;
 - once the loop runs (:meth:`StopFlag.defer`), a signal only sets the flag: the loop finishes the
   current step or batch, writes what it has, and returns.
+
+A SIGTERM during start-up may land while a library waits on worker threads stuck on the network
+(a hub download): the exception then cannot unwind until their sockets time out. So it also arms a
+watchdog: unless the process has exited ``TINV_STOP_GRACE`` seconds later (default 5), the
+watchdog prints the same line, writes the termination message and ends the process with the
+same code. (SIGINT never arms it: at a terminal or in a notebook, Ctrl-C must not kill a kernel.)
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ def pick_dtype(precision: str | None, device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU")
+        raise ConfigError("precision fp16 needs a GPU (CUDA); use fp32 (or bf16) on a CPU")
     try:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     except KeyError:
@@ -224,8 +230,12 @@ class StopFlag:
     and the loop stops at its next boundary. A second Ctrl-C always stops at once. Use as a
     context manager: the previous handlers come back on exit."""
 
-    def __init__(self, doing: str = "run"):
+    def __init__(self, doing: str = "run", *, prog: str = "tinv", termination_path: str | None = None):
         self.doing = doing
+        self.prog = prog
+        self.termination_path = termination_path
+        # What a stop during start-up leaves behind; the trainer updates it once it knows.
+        self.saved = "nothing saved (no step had run); a retry starts over"
         self.signal: int | None = None
         self.deferred = False
         self._old: dict = {}
@@ -260,6 +270,27 @@ class StopFlag:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
         if not self.deferred:
-            raise Stopped(signum, f"{signal_name(signum)} while the {self.doing} was starting")
+            e = Stopped(signum, f"{signal_name(signum)} while the {self.doing} was starting: {self.saved}")
+            if signum == signal.SIGTERM:
+                self._watch(e)
+            raise e
         log.warning("received %s: finishing the current %s, saving, then exiting", signal_name(signum),
                     "step" if self.doing == "training" else "batch")
+
+    def _watch(self, e: Stopped) -> None:
+        """End the process with e's code if unwinding takes longer than the grace period."""
+        grace = float(os.environ.get("TINV_STOP_GRACE", "5"))
+
+        def fire() -> None:
+            if not getattr(e, "reported", False):
+                from .reporting import termination_path, write_termination_message
+
+                print(f"{self.prog}: {e}", file=sys.stderr, flush=True)
+                write_termination_message(termination_path(self.termination_path),
+                                          {"state": "running", "exit_code": e.exit_code, "reason": e.reason, "message": str(e)})
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+
+        timer = threading.Timer(grace, fire)
+        timer.daemon = True
+        timer.start()
