@@ -103,7 +103,7 @@ def cmd_train(argv: list[str], ctx: Context) -> int:
     from tinv.api.validation import load_resource
 
     from . import storage
-    from .reporting import termination_path, write_termination_message
+    from .runtime import termination_path, write_termination_message
     from .train import Options, train
 
     ctx.termination = termination_path(args.termination_message_path)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     """The one dispatcher; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it.
     Whatever a command raises becomes one line on stderr, the termination message and the exit
     code of :func:`outcome_of`."""
-    from .reporting import write_termination_message
+    from .runtime import write_termination_message
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -21,12 +21,14 @@ same code. (SIGINT never arms it: at a terminal or in a notebook, Ctrl-C must no
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, TinvError
 
@@ -74,6 +76,31 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "PIL", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def termination_path(explicit: str | None = None) -> Path | None:
+    """Where the termination message goes: the flag, $TINV_TERMINATION_MESSAGE_PATH, else
+    /dev/termination-log when writable (in a pod); None outside a pod."""
+    p = explicit or os.environ.get("TINV_TERMINATION_MESSAGE_PATH")
+    if p:
+        return Path(p)
+    default = Path("/dev/termination-log")
+    return default if default.exists() and os.access(default, os.W_OK) else None
+
+
+def write_termination_message(path: Path | None, doc: dict) -> None:
+    """The JSON summary the kubelet hands the operator (kept under its 4 KiB)."""
+    if path is None:
+        return
+    data = json.dumps(doc, separators=(",", ":"))
+    if len(data) > 4000:  # kubelet keeps 4096 bytes
+        doc = dict(doc, message=(doc.get("message") or "")[:1000])
+        data = json.dumps(doc, separators=(",", ":"))[:4000]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data)
+    except OSError as e:
+        log.warning("cannot write the termination message to %s: %s", path, e)
 
 
 # ---------------------------------------------------------------------------- devices and dtypes
@@ -283,8 +310,6 @@ class StopFlag:
 
         def fire() -> None:
             if not getattr(e, "reported", False):
-                from .reporting import termination_path, write_termination_message
-
                 print(f"{self.prog}: {e}", file=sys.stderr, flush=True)
                 write_termination_message(termination_path(self.termination_path),
                                           {"state": "running", "exit_code": e.exit_code, "reason": e.reason, "message": str(e)})
