@@ -329,27 +329,3 @@ def load(
 ) -> ModelBundle:
     """Load a model bundle from any supported source (see the module doc)."""
     return locate(source, revision, variant, token, store).load()
-
-
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config):
-    """An inference scheduler by tinv name (the API's SchedulerName), from a model's config."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ModelError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(dict(config), **extra)

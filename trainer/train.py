@@ -164,17 +164,14 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         step = restored.step
         exit_code, phase, message = EXIT_OK, "Succeeded", None
         last_saved = step if restored.state is not None else -1
-        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on device) not yet read back
-        t_last, steps_since, sps = time.monotonic(), 0, None
-        smoothed = loss_history[-1] if loss_history else None
+        losses = LossLog(loss_history, T.log_every, G)
         if step >= run.total:
             log.info("nothing to do: the run is at step %d of %d", step, run.total)
-        reporter.step(step, smoothed, lr_at(min(step, run.total - 1), base_lr, T.lr_scheduler, T.lr_warmup_steps, run.total), None,
+        reporter.step(step, losses.smoothed, lr_at(min(step, run.total - 1), base_lr, T.lr_scheduler, T.lr_warmup_steps, run.total), None,
                       step * G / len(ds), force=True, log_line=False)
         eval_before = loss_of.mean_loss(opts.eval_samples, micro) if opts.eval_samples else None
         timer = StepTimer(run.device, skip=3)
         stop_prev: torch.Tensor | None = None  # all-reduced stop flag of the previous step (multi-rank)
-        zero = torch.zeros((), device=run.device)
         try:
             while step < run.total:
                 timer.begin(step - restored.step)
@@ -182,20 +179,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                 for group in opt.param_groups:
                     group["lr"] = lr
                 first = step * G + run.dist.rank * local
-                ks = list(range(first, first + local))
-                while True:
-                    try:
-                        loss_sum = zero
-                        for i in range(0, local, micro):
-                            loss_sum = loss_sum + loss_of(ks[i : i + micro], scaler=scaler)
-                        break
-                    except torch.OutOfMemoryError:
-                        if micro == 1:
-                            raise
-                        opt.zero_grad(set_to_none=True)
-                        micro = max(1, micro // 2)
-                        torch.cuda.empty_cache()
-                        log.warning("out of GPU memory: micro-batch now %d samples", micro)
+                loss_sum, micro = loss_of.accumulate(list(range(first, first + local)), micro, scaler=scaler, optimizer=opt)
                 # Stop when asked. Ranks must agree: with several, each reads the previous step's
                 # all-reduced flag (already computed, so reading it does not stall the GPU) and all
                 # stop together one step after the first rank was signalled.
@@ -218,27 +202,17 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                pending.append((step, buf[-2] / G))
+                losses.add(step, buf[-2] / G)
                 timer.end()
-                steps_since += 1
                 ckpt_due = step % T.checkpoint_every == 0 or step == run.total or any_stop
-                if step % T.log_every == 0 or ckpt_due or steps_since >= 50:
-                    # Read back the losses since the last report: one synchronisation per report.
-                    values = torch.stack([v for _, v in pending]).tolist()
-                    points = [(s_, v) for (s_, _), v in zip(pending, values)]
-                    pending.clear()
-                    loss_history.extend(values)
-                    recent = loss_history[-T.log_every :]
-                    smoothed = sum(recent) / len(recent)
-                    dt = time.monotonic() - t_last
-                    sps = steps_since * G / dt if dt > 0 else sps
-                    t_last, steps_since = time.monotonic(), 0
-                    norm = float(new.detach().norm(dim=1).mean())
-                    reporter.step(step, smoothed, lr, sps, step * G / len(ds), norm, points=points)
+                if step % T.log_every == 0 or ckpt_due or losses.unread >= 50:
+                    points = losses.read()  # one synchronisation per report
+                    reporter.step(step, losses.smoothed, lr, losses.samples_per_second, step * G / len(ds),
+                                  float(new.detach().norm(dim=1).mean()), points=points)
                 else:
                     reporter.tick(step)
                 if ckpt_due:
-                    saver.save(step, smoothed, new, opt, scaler, loss_history)
+                    saver.save(step, losses.smoothed, new, opt, scaler, loss_history)
                     last_saved = step
                 if validator is not None and (step % validator.every == 0 or step == run.total):
                     validator.run(step, reporter)
@@ -259,7 +233,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                             stopped=None if phase == "Succeeded" else phase.lower())
     reporter.close()
     result = Result(
-        exit_code=exit_code, phase=phase, step=step, total_steps=run.total, loss=smoothed, run_uri=run.uri,
+        exit_code=exit_code, phase=phase, step=step, total_steps=run.total, loss=losses.smoothed, run_uri=run.uri,
         latest=saver.latest, message=message, embeddings=vocab.split_rows(new.detach().float().cpu()),
         eval_before=eval_before, eval_after=loss_of.mean_loss(opts.eval_samples, micro) if opts.eval_samples else None,
         throughput=timer.rate(G),
@@ -430,6 +404,41 @@ class Validator:
             return
         reporter.images("validation", images, step)
         log.info("validation images at step %d (%.1fs)", step, time.monotonic() - t0)
+
+
+class LossLog:
+    """Per-step losses, kept on the device until a report reads them back in one synchronisation;
+    the smoothed loss (mean of the last logEvery steps) and the samples/s between reports."""
+
+    def __init__(self, history: list[float], window: int, global_batch: int):
+        self.history, self.window, self.G = history, window, global_batch
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.smoothed: float | None = history[-1] if history else None
+        self.samples_per_second: float | None = None
+        self._t = time.monotonic()
+
+    @property
+    def unread(self) -> int:
+        return len(self.pending)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(step, loss) of every step since the last read."""
+        if not self.pending:
+            return []
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        points = [(s, v) for (s, _), v in zip(self.pending, values)]
+        dt = time.monotonic() - self._t
+        if dt > 0:
+            self.samples_per_second = len(points) * self.G / dt
+        self._t = time.monotonic()
+        self.pending.clear()
+        self.history.extend(values)
+        recent = self.history[-self.window :]
+        self.smoothed = sum(recent) / len(recent)
+        return points
 
 
 class StepTimer:
