@@ -53,6 +53,7 @@ TENSORBOARD_DIR = "tensorboard"
 IMAGES_DIR = "images"
 INDEX_FILE = "index.json"
 GALLERY_FILE = "index.html"
+SHARDS_DIR = "shards"
 LOCAL_ROOT = "tinv-runs"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 

@@ -29,6 +29,12 @@ A checkpoint is the folder ``<run>/checkpoints/<uuid>/``:
        "learning_rate", "world_size", "embedding_width", "resumed_from", "file_sizes": {name: bytes},
        "trainer": {"version"}, "determined": {"initializer_strs": {token: str}}}
 
+Where a run starts (:func:`find_start`): this run's own newest complete checkpoint (a retried pod
+continues), else ``spec.resumeFrom`` (:func:`resolve`: a URI as is; a uuid in this run or in
+``job``'s runs; ``job`` alone -> its newest checkpoint, found by tinv.api.storage's ONE resolver,
+the one generation and the operator use). :func:`restore` turns the source into starting vectors
+(and, to continue, the step and optimizer state), logging what each concept took from where.
+
 Retention: after each new checkpoint the newest ``checkpointsKept`` complete ones stay; older
 complete ones and incomplete leftovers (from a crash) are deleted. The newest complete one is
 never deleted.

@@ -32,7 +32,7 @@ import torch  # noqa: F401
 
 from . import generate_cli
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
-from .runtime import Stopped, setup_logging
+from .runtime import Stopped, setup_logging, termination_path, write_termination_message
 
 log = logging.getLogger("tinv.trainer")
 
@@ -103,7 +103,6 @@ def cmd_train(argv: list[str], ctx: Context) -> int:
     from tinv.api.validation import load_resource
 
     from . import storage
-    from .runtime import termination_path, write_termination_message
     from .train import Options, train
 
     ctx.termination = termination_path(args.termination_message_path)
@@ -197,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     """The one dispatcher; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it.
     Whatever a command raises becomes one line on stderr, the termination message and the exit
     code of :func:`outcome_of`."""
-    from .runtime import write_termination_message
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

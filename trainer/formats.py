@@ -42,10 +42,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from tinv.api.storage import DETERMINED_FILE as DETERMINED
+from tinv.api.storage import EMBEDS_FILE as SAFETENSORS
+from tinv.api.storage import OPTIMIZER_FILE
 
-SAFETENSORS = "learned_embeds.safetensors"
-DETERMINED = "learned_embeddings_dict.pt"
+from .errors import FormatError
 
 
 def safe_filename(token: str) -> str:
@@ -161,7 +162,7 @@ def read_folder(folder: Path) -> dict:
             return read_file(folder / name)
     out: dict = {}
     for p in sorted(folder.glob("*")):
-        if p.suffix in (".pt", ".bin", ".safetensors") and p.name != "optimizer.pt":
+        if p.suffix in (".pt", ".bin", ".safetensors") and p.name != OPTIMIZER_FILE:
             out.update(read_file(p))
     if not out:
         raise FormatError(f"{folder}: no embedding files found")

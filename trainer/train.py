@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, models, objective, runtime, storage, tokens
-from .errors import EXIT_OK, ConfigError
+from .engine import Engine
+from .errors import EXIT_OK
+from .grid import Request
 from .optim import build_optimizer, lr_at
 from .reporting import Reporter
 
@@ -382,15 +384,11 @@ class Validator:
     """Validation images with fixed seeds, rendered by the generation engine over the training modules."""
 
     def __init__(self, bundle, vocab, run: Run, T):
-        from .engine import Engine
-
         self.val, self.resolution = T.validation, T.resolution
         self.every = T.validation.every or T.checkpoint_every
         self.engine = Engine(bundle, device=run.device, precision=run.dtype, vocab=vocab, optimize=run.device.type == "cuda")
 
     def run(self, step: int, reporter: Reporter) -> None:
-        from .grid import Request
-
         v, t0 = self.val, time.monotonic()
         requests = [Request(prompt=p, negative_prompt=v.negative_prompt, seed=int(v.seed) + i, guidance_scale=v.guidance_scale,
                             steps=v.steps, scheduler=v.scheduler, width=self.resolution, height=self.resolution)
