@@ -264,6 +264,32 @@ class Reason:
     OUTPUTS_KEPT = "OutputsKept"
 
 
+class ExitCode:
+    """The trainer's and generator's process exit codes: the operator's retry policy reads them.
+
+    ==== ============ ==========================================================================
+    0    OK           finished (or was already finished); not retried
+    1    INTERNAL     an unexpected error (a bug, a device fault, out of memory); retryable
+    2    INVALID      bad spec or input (images, tokens, resume source); not retryable
+    69   UNAVAILABLE  a dependency could not be reached (model hub, object storage); retryable
+    75   PREEMPTED    SIGTERM: stopped at any moment -- in the loop after writing a checkpoint,
+                      during start-up with nothing new to save. Retryable and not counted
+                      against backoffLimit: a retry continues from the newest complete
+                      checkpoint, or starts over when there is none yet. The process prints
+                      one line saying what was saved ("nothing" before the first step).
+    130  INTERRUPTED  SIGINT (Ctrl-C) on a terminal: same as 75, for a person at a terminal
+    ==== ============ ==========================================================================
+    """
+
+    OK = 0
+    INTERNAL = 1
+    INVALID = 2
+    UNAVAILABLE = 69
+    PREEMPTED = 75
+    INTERRUPTED = 130
+    RETRYABLE = (INTERNAL, UNAVAILABLE, PREEMPTED)
+
+
 Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
 
 
@@ -342,6 +368,22 @@ class ObjectMeta(Model):
 # --------------------------------------------------------------------------- TextualInversionJob
 
 
+# Token rules that need no model (the vocabulary checks need the tokenizer and run in the trainer).
+TOKEN_RULES = (
+    Rule("self.matches('[a-z]')", "token needs at least one letter a-z (e.g. '<det-logo>', not '***')"),
+    Rule(
+        "!self.matches('[A-Z]')",
+        "token must be lower case: CLIP lower-cases prompts, and diffusers' load_textual_inversion uses only the first "
+        "vector of a capitalised multi-vector token (write e.g. '<mycat>' for '<MyCat>')",
+    ),
+    Rule("!self.contains('/') && !self.contains('\\\\')", "token must not contain '/' or '\\' (it names the embedding files)"),
+    Rule("!self.contains('<|') && !self.contains('|>')", "token must not look like a special token of the tokenizer (<|startoftext|>, <|endoftext|>)"),
+    Rule("!self.contains('{}')", "token must not contain '{}' (that is the template slot)"),
+)
+# The first concept whose token is part of another's (for the contained-token message).
+_CONTAINED = "self.filter(a, self.exists(b, a.token != b.token && b.token.contains(a.token)))[0]"
+
+
 class Concept(Model):
     """One concept to learn: a new token and the images that show it."""
 
@@ -349,7 +391,8 @@ class Concept(Model):
         min_length=1,
         max_length=64,
         pattern=r"^\S+$",
-        description="The new token used in prompts, e.g. 'det-logo'; no whitespace; required.",
+        description="The new token used in prompts, e.g. 'det-logo'; lower case, no whitespace, at least one letter; required.",
+        json_schema_extra=cel(*TOKEN_RULES),
     )
     property: Literal["object", "style"] = Field(
         default="object", description="Whether the images show an object or a style; picks the prompt templates; default object."
@@ -377,7 +420,16 @@ class Concept(Model):
         min_length=1,
         max_length=256,
         description="Prompt templates with '{}' where the token goes; default: the 27 object or 19 style templates.",
-        json_schema_extra=cel(Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes")),
+        json_schema_extra=cel(
+            Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes"),
+            # The trainer finds the token on word boundaries (as CLIP splits words): "a {}-style
+            # photo" would become "a det-logo-style photo", which never contains the token.
+            Rule(
+                "self.all(t, !t.matches('[A-Za-z0-9_-][{][}]') && !t.matches('[{][}][A-Za-z0-9_-]'))",
+                "a template's '{}' touches a letter, digit, '_' or '-' (e.g. 'a {}-style photo', '{}s'): the token would be "
+                "glued into another word and never trained; put a space or punctuation next to '{}'",
+            ),
+        ),
     )
     caption_from_filename: bool = Field(
         default=False, description="Append words from each image's file name to its prompt (Determined's append_file_name_to_text); default false."
@@ -427,9 +479,17 @@ class Training(Model):
         default=True, description="Multiply the learning rate by batch size x accumulation x world size; default true."
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="Optimizer of the new embedding rows; default adam.")
-    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Weight decay (adamw, sgd); default 0.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(default="constant", description="Learning-rate schedule; default constant.")
-    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps; default 0.")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Decoupled weight decay for every optimizer (AdamW's: each step scales the vectors by 1 - lr x weightDecay); default 0.",
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning-rate schedule, as diffusers' get_scheduler names it (constant ignores lrWarmupSteps); default constant.",
+    )
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 (constant_with_warmup, linear, cosine); default 0.")
     resolution: int = Field(
         default=512,
         ge=64,
@@ -441,6 +501,10 @@ class Training(Model):
         default="bicubic", description="Resampling filter when resizing images; default bicubic."
     )
     center_crop: bool = Field(default=False, description="Centre-crop images to a square before resizing; default false.")
+    transparent_background: Literal["white", "black"] = Field(
+        default="white",
+        description="Colour transparent pixels are composited on: white, or black (what diffusers' textual_inversion.py gives, as it drops the alpha channel of fully transparent pixels); default white.",
+    )
     flip_p: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip; default 0.5.")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         default="auto", description="Autocast dtype; auto is bf16 where supported, fp16 with a scaler otherwise, none on CPU; default auto."
@@ -498,6 +562,11 @@ class TextualInversionJobSpec(Model):
             Rule(
                 "self.all(a, self.all(b, a.token == b.token || !b.token.contains(a.token)))",
                 "no concept token may contain another (e.g. 'det-logo' and 'det-logo-demo'): prompts could not tell them apart",
+                message_expression=(
+                    "'no concept token may contain another: \\'' + "
+                    "self.filter(b, b.token != " + _CONTAINED + ".token && b.token.contains(" + _CONTAINED + ".token))[0].token"
+                    " + '\\' contains \\'' + " + _CONTAINED + ".token + '\\', so prompts could not tell them apart; rename one of them'"
+                ),
             ),
         ),
     )

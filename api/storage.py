@@ -24,7 +24,7 @@ manifest.json of a checkpoint:
     {"uuid", "step", "loss", "created_at" (RFC 3339), "job": {"namespace", "name", "uid"},
      "tokens": {token: n_vectors}, "files": {file name: sha256}, "hyperparameters": {...},
      "format", "uri", "total_steps", "model", "concepts", "effective_batch_size", "learning_rate",
-     "world_size", "embedding_width", "resumed_from", "file_sizes", "trainer"}
+     "world_size", "embedding_width", "resumed_from", "file_sizes", "trainer", "determined"}
 
 URIs are `s3://bucket/key`, `file:///abs/path`, `pvc://claim/path` (inside a pod the claim is
 mounted at `$TINV_PVC_ROOT/<claim>`, default /mnt/pvc) or a plain local path. `Store` reads and
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -352,3 +353,68 @@ def list_checkpoints(store: Store, root: str) -> list[dict[str, Any]]:
         found.append(manifest)
     found.sort(key=lambda m: (m.get("step", 0), m.get("created_at", "")))
     return found
+
+
+# ---------------------------------------------------------------------------- finding a job's checkpoints
+# ONE resolver for "the checkpoints of job X", used by training (resumeFrom), generation
+# (embeddings: job) and the operator.
+
+RUN_SUFFIX = re.compile(r"^(?P<job>.+)-(?P<uid>[0-9a-f]{8}|local)$")
+
+
+def namespace_root(storage_uri: str | None, namespace: str | None) -> str:
+    """`<storage.uri>/<namespace>`: the folder holding every run root of a namespace."""
+    return join(storage_uri or LOCAL_ROOT, namespace or "default")
+
+
+def job_of_run(folder: str) -> str | None:
+    """The resource name of a run root (`<name>-<uid8>` or `<name>-local`), or None."""
+    m = RUN_SUFFIX.match(folder.rstrip("/").rsplit("/", 1)[-1])
+    return m.group("job") if m else None
+
+
+def run_roots(store: Store, storage_uri: str | None, namespace: str | None, job: str | None = None) -> list[str]:
+    """Run roots of one resource -- folders named EXACTLY `<job>-<uid8>` or `<job>-local`, never
+    by prefix (so job `foo` never sees `foo-bar`'s runs) -- or, with job None, of every resource."""
+    base = namespace_root(storage_uri, namespace)
+    try:
+        names = store.children(base)
+    except NotFound:
+        return []
+    return [join(base, n) for n in names if job_of_run(n) is not None and (job is None or job_of_run(n) == job)]
+
+
+def _order(manifest: dict[str, Any]) -> tuple:
+    return (int(manifest.get("step", 0) or 0), str(manifest.get("created_at") or ""))
+
+
+def job_checkpoints(store: Store, storage_uri: str | None, namespace: str | None, job: str) -> list[dict[str, Any]]:
+    """Every complete checkpoint of a job over all its run roots, oldest first (by step, then time)."""
+    found = [m for root in run_roots(store, storage_uri, namespace, job) for m in list_checkpoints(store, root)]
+    return sorted(found, key=_order)
+
+
+def checkpoint_uuid(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("uuid") or manifest["uri"].rstrip("/").rsplit("/", 1)[-1])
+
+
+def newest_checkpoint(store: Store, storage_uri: str | None, namespace: str | None, job: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint of a job (highest step, then latest created_at), or None."""
+    found = job_checkpoints(store, storage_uri, namespace, job)
+    return found[-1] if found else None
+
+
+def find_checkpoint(
+    store: Store, storage_uri: str | None, namespace: str | None, uuid: str, job: str | None = None
+) -> dict[str, Any] | None:
+    """The manifest (with `uri`) of the complete checkpoint `uuid`: in `job`'s run roots, or with
+    job None in any run root of the namespace."""
+    for root in run_roots(store, storage_uri, namespace, job):
+        folder = checkpoint_uri(root, uuid)
+        try:
+            manifest = store.read_json(join(folder, MANIFEST_FILE))
+        except (NotFound, ValueError):
+            continue
+        manifest["uri"] = folder
+        return manifest
+    return None
