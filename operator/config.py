@@ -74,6 +74,13 @@ class OperatorConfig:
     storage_max_object_bytes: int = 1 << 20
     storage_max_clients: int = 32
     allowed_storage_endpoints: tuple[str, ...] = ()
+    # operator-level policy (operator/policy.py; issue 14 item 8): glob patterns, empty = anything
+    allowed_images: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_schedulers: tuple[str, ...] = ()
+    allowed_secrets: tuple[str, ...] = ()
+    allowed_toleration_keys: tuple[str, ...] = ()
+    allowed_node_selector_keys: tuple[str, ...] = ()
     api_workers: int = 16
     status_workers: int = 6
     status_batch_interval: float = 0.5
@@ -128,6 +135,19 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
 ]
 
 
+# repeatable list flags: flag -> (attribute, environment variable (comma-separated), help)
+_LIST_FLAGS: list[tuple[str, str, str, str]] = [
+    ("--allowed-storage-endpoint", "allowed_storage_endpoints", "TINV_ALLOWED_STORAGE_ENDPOINTS",
+     "the only spec.storage.endpoint values allowed (URL, or host name for any scheme/port)"),
+    ("--allowed-image", "allowed_images", "TINV_POLICY_ALLOWED_IMAGES", "glob pattern of images spec.resources.image may name"),
+    ("--allowed-priority-class", "allowed_priority_classes", "TINV_POLICY_ALLOWED_PRIORITY_CLASSES", "PriorityClass (glob) spec.resources.priorityClassName may name"),
+    ("--allowed-scheduler", "allowed_schedulers", "TINV_POLICY_ALLOWED_SCHEDULERS", "scheduler (glob) spec.resources.schedulerName may name"),
+    ("--allowed-secret", "allowed_secrets", "TINV_POLICY_ALLOWED_SECRETS", "Secret (glob) a resource may expose to its pods (credentials, Hugging Face token)"),
+    ("--allowed-toleration-key", "allowed_toleration_keys", "TINV_POLICY_ALLOWED_TOLERATION_KEYS", "taint key (glob) spec.resources.tolerations may tolerate ('*' allows a key-less toleration)"),
+    ("--allowed-node-selector-key", "allowed_node_selector_keys", "TINV_POLICY_ALLOWED_NODE_SELECTOR_KEYS", "node label key (glob) spec.resources.nodeSelector may use"),
+]
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -153,9 +173,8 @@ def parser() -> argparse.ArgumentParser:
                    help="imagePullSecret of worker pods; repeatable [TINV_IMAGE_PULL_SECRETS]")
     p.add_argument("--pod-annotation-prefix", action="append", dest="pod_annotation_prefixes", metavar="PREFIX",
                    help="copy the resource's annotations with this key prefix to its pods; repeatable [TINV_POD_ANNOTATION_PREFIXES]")
-    p.add_argument("--allowed-storage-endpoint", action="append", dest="allowed_storage_endpoints", metavar="URL_OR_HOST",
-                   help="the only spec.storage.endpoint values allowed (URL, or host name for any scheme/port); repeatable; "
-                        "none: any [TINV_ALLOWED_STORAGE_ENDPOINTS]")
+    for flag, attr, env, help_ in _LIST_FLAGS:
+        p.add_argument(flag, action="append", dest=attr, metavar="VALUE", help=f"{help_}; repeatable; none given: anything [{env}]")
     p.add_argument("--no-gpu-toleration", action="store_true", default=None,
                    help="do not add the toleration nvidia.com/gpu:NoSchedule to GPU pods [TINV_NO_GPU_TOLERATION]")
     p.add_argument("--cluster-wide", action="store_true", default=None,
@@ -183,7 +202,8 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
         namespaces = list(_split(env.get("TINV_NAMESPACES"))) or list(_split(env.get("POD_NAMESPACE")))
     values["namespaces"] = tuple(dict.fromkeys(namespaces))
     values["image_pull_secrets"] = tuple(args.image_pull_secrets or _split(env.get("TINV_IMAGE_PULL_SECRETS")))
-    values["allowed_storage_endpoints"] = tuple(args.allowed_storage_endpoints or _split(env.get("TINV_ALLOWED_STORAGE_ENDPOINTS")))
+    for _flag, attr, var, _help in _LIST_FLAGS:
+        values[attr] = tuple(getattr(args, attr) or _split(env.get(var)))
     values["pod_annotation_prefixes"] = tuple(args.pod_annotation_prefixes or _split(env.get("TINV_POD_ANNOTATION_PREFIXES")))
     if args.no_gpu_toleration or _truthy(env.get("TINV_NO_GPU_TOLERATION")):
         values["gpu_toleration"] = False

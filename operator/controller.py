@@ -35,6 +35,7 @@ from tinv.api.storage import run_root
 from tinv.api.validation import validate_document
 
 from . import builders as B
+from . import policy
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
@@ -264,6 +265,7 @@ class Controller:
         try:
             model = self.validate(kind, body)
             eff = B.effective(model, self.config)
+            policy.enforce(eff, self.config)  # the operator's policy (ops2, issue 14 item 8): a SpecError naming the field
         except (Invalid, B.SpecError) as err:
             facts.invalid = short(str(err))
             self._set_facts(key, facts)

@@ -48,6 +48,7 @@ from tinv.api.storage import (
     list_checkpoints,
 )
 
+from .policy import endpoint_allowed
 from .status import StorageView
 
 log = logging.getLogger("tinv.operator.poller")
@@ -78,20 +79,6 @@ class PollLimits:
             per_endpoint=max(1, config.poll_workers // 4),
             allowed_endpoints=tuple(config.allowed_storage_endpoints),
         )
-
-
-def endpoint_allowed(endpoint: str | None, allowed: Iterable[str]) -> bool:
-    """An allow-list entry is an endpoint URL (`https://object.ord1.coreweave.com`, matched without
-    a trailing slash) or a host name (`cwobject.com`, any scheme and port). None is the
-    operator's own default endpoint: always allowed."""
-    allowed = tuple(allowed)
-    if not allowed or not endpoint:
-        return True
-    from urllib.parse import urlparse
-
-    url = endpoint.rstrip("/")
-    host = urlparse(url).hostname or ""
-    return any(url == a.rstrip("/") or (("://" not in a) and host == a.lower()) for a in allowed)
 
 
 @dataclass
