@@ -35,10 +35,11 @@ from tinv.api.storage import run_root
 from tinv.api.validation import validate_document
 
 from . import builders as B
+from . import policy
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
-from .poller import StorageReader
+from .poller import PollLimits, StorageReader, Target
 from .status import (
     TERMINAL,
     Facts,
@@ -128,7 +129,7 @@ class Controller:
         self.config = config
         self.kube = kube
         self.metrics = metrics
-        self.reader = reader or StorageReader()
+        self.reader = reader or StorageReader(limits=PollLimits.from_config(config), workers=config.poll_workers)
         self.indices: dict[str, Any] = {}
         self.facts: dict[Key, Facts] = {}
         self.storage: dict[Key, StorageView] = {}
@@ -152,7 +153,6 @@ class Controller:
         self.api_pool = ThreadPoolExecutor(config.status_workers, thread_name_prefix="tinv-status")
         # Events go out on their own small pool, after the status they describe: never ahead of it
         self.event_pool = ThreadPoolExecutor(2, thread_name_prefix="tinv-events")
-        self.poll_pool = ThreadPoolExecutor(config.poll_workers, thread_name_prefix="tinv-poll")
         self.poll_rounds = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -174,7 +174,7 @@ class Controller:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         self.api_pool.shutdown(wait=False, cancel_futures=True)
-        self.poll_pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
         self.event_pool.shutdown(wait=False, cancel_futures=False)
 
     # ------------------------------------------------------------------ observations
@@ -265,6 +265,7 @@ class Controller:
         try:
             model = self.validate(kind, body)
             eff = B.effective(model, self.config)
+            policy.enforce(eff, self.config)  # the operator's policy (ops2, issue 14 item 8): a SpecError naming the field
         except (Invalid, B.SpecError) as err:
             facts.invalid = short(str(err))
             self._set_facts(key, facts)
@@ -614,21 +615,14 @@ class Controller:
             out.append((key, facts))
         return out
 
-    def _read(self, key: Key, facts: Facts) -> tuple[Key, StorageView]:
-        view = self.reader.read(key, facts.output_uri or "", facts.storage, checkpoints=key[0] == B.TIJOB)
-        return key, view
-
     async def poll_once(self) -> int:
-        assert self._loop is not None
+        """One storage round (poller.StorageReader.poll: time-boxed, size-capped, resources isolated
+        from each other; a slow resource's result arrives in a later round)."""
         targets = self.poll_targets()
         t0 = time.monotonic()
-        futures = [self._loop.run_in_executor(self.poll_pool, self._read, key, facts) for key, facts in targets]
+        reads = [Target(key, facts.output_uri or "", facts.storage, key[0] == B.TIJOB) for key, facts in targets]
         changed = 0
-        for result in await asyncio.gather(*futures, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("storage read failed: %s", result)
-                continue
-            key, view = result
+        for key, view in await self.reader.poll(reads, budget=max(0.05, 0.8 * self.config.poll_interval)):
             if view.error:
                 self.metrics.read_failures.labels(key[0]).inc()
             if key not in self.facts:
