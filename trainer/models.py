@@ -249,6 +249,10 @@ def load(
     store: storage.Store | None = None,
 ) -> ModelBundle:
     """Load a model bundle from any supported source (see the module doc)."""
+    if source == "builtin:shapes":  # the trained shapes model shipped in the package (tinv.trainer.world)
+        from .world import weights
+
+        return load_folder(weights.model_folder(), source)
     if source.startswith("builtin:"):
         from . import tiny
 

@@ -18,7 +18,7 @@ from . import scenes
 class Sizes:
     text_width: int = 64
     text_layers: int = 3
-    vae_channels: tuple[int, ...] = (24, 48, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
     unet_channels: tuple[int, ...] = (64, 128)
     unet_layers: int = 1
     tower_width: int = 32  # CLIP image tower / evaluator base width

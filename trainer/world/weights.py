@@ -68,3 +68,15 @@ def install(run: Path, dest: Path = WEIGHTS) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def model_folder(root: Path = WEIGHTS) -> Path:
+    """The shipped diffusers folder of builtin:shapes; a clear error when the package lacks it."""
+    from ..errors import ModelError
+
+    if not available(root):
+        raise ModelError(
+            f"builtin:shapes: no trained weights in {root} (this checkout or wheel ships none). Train them with "
+            "`python -m tinv.trainer.world train OUT` and install with `python -m tinv.trainer.world install OUT`"
+        )
+    return model_dir(root)
