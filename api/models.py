@@ -55,7 +55,8 @@ class ModelSource(Model):
         description=(
             "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5', a diffusers folder at "
             "s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
-            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'); required."
+            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'), or 'builtin:shapes' for the small model tinv "
+            "trained on its shapes world; required."
         ),
     )
     revision: str | None = Field(
@@ -76,8 +77,9 @@ class ModelSource(Model):
 
     __cel__ = (
         Rule(
-            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:(tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?$') : true",
-            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N'",
+            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:((tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?|shapes)$') : true",
+            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N',"
+            " and 'builtin:shapes' (the trained shapes model)",
             field_path=".source",
         ),
     )
