@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
@@ -85,6 +86,7 @@ class Reconciler:
         self.reader = reader
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool: Executor = status.api_pool
+        self._locks: dict[Key, threading.Lock] = {}
         self._no_secret_check: set[str] = set()  # namespaces where the chart grants no Secret metadata check
         self._cleanup_attempts: dict[Key, int] = {}
 
@@ -114,7 +116,18 @@ class Reconciler:
         return facts, eff
 
     def reconcile(self, kind: str, body: dict[str, Any]) -> str:
-        """Make the children match the resource. Returns 'ok', 'waiting' or 'blocked'; raises Invalid or Retry."""
+        """Make the children match the resource. Returns 'ok', 'waiting' or 'blocked'; raises Invalid or Retry.
+        One at a time per resource: kopf's handler and a re-check from the sweep never interleave."""
+        meta = body.get("metadata") or {}
+        key: Key = (kind, meta.get("namespace"), meta.get("name"))
+        with self._lock_of(key):
+            return self._reconcile(kind, body)
+
+    def _lock_of(self, key: Key) -> threading.Lock:
+        with self.reg.lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _reconcile(self, kind: str, body: dict[str, Any]) -> str:
         meta = body.get("metadata") or {}
         ns, name, uid = meta.get("namespace"), meta.get("name"), meta.get("uid")
         key: Key = (kind, ns, name)
@@ -155,7 +168,7 @@ class Reconciler:
         if job is None:
             self._create(key, eff, facts, resolved)
             return "ok"
-        if job.get("deleting"):
+        if job.get("deleting") or job.get("uid") == self.reg.replaced.get((ns, job_name)):
             facts.hold = (R.WAITING_FOR_PODS, f"waiting for the earlier Job {job_name} and its pods to be deleted before creating a new one")
             self.reg.set_facts(key, facts)
             raise Retry(facts.hold[1], 2)
@@ -190,6 +203,7 @@ class Reconciler:
         facts.record = {"jobGeneration": generation, "jobUid": None}
         self.reg.set_facts(key, facts)  # status shows "creating" at once
         created = self._create_children(kind, eff, resolved, uid)
+        self.reg.replaced.pop((ns, facts.job_name), None)
         facts.record = {"jobGeneration": generation, "jobUid": created.get("uid")}
         self.reg.set_facts(key, facts)
 
@@ -307,6 +321,7 @@ class Reconciler:
             self.status.write_record(key, {"jobGeneration": None, "jobUid": None})
             facts.record = None
             self.reg.set_facts(key, facts)
+            self.reg.replaced[(ns, job["name"])] = job.get("uid")  # never adopted again, even from a lagging watch
             self.kube.delete(path, "Foreground")
             self.reg.forget_created(ns, job["name"])
             raise Retry(f"spec changed while suspended: replacing Job {job['name']}", 2)
@@ -492,6 +507,8 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         self._cleanup_attempts.pop(key, None)
+        with self.reg.lock:
+            self._locks.pop(key, None)
 
 
 def _int(*values: Any) -> int | None:

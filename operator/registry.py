@@ -92,6 +92,7 @@ class Registry:
         self.written: dict[Key, tuple[int, dict[str, Any]]] = {}
         self.created_jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.finished_jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.replaced: dict[tuple[str, str], str | None] = {}  # Job uid the operator deleted to replace it
         self.waiting: dict[tuple[str, str], set[Key]] = {}
         self.job_owner: dict[tuple[str, str], Key] = {}
         self.last_write: dict[Key, float] = {}
@@ -187,6 +188,7 @@ class Registry:
                 self.job_owner.pop((key[1], facts.job_name), None)
                 self.finished_jobs.pop((key[1], facts.job_name), None)
                 self.created_jobs.pop((key[1], facts.job_name), None)
+                self.replaced.pop((key[1], facts.job_name), None)
             self.storage.pop(key, None)
             self.written.pop(key, None)
             self.last_write.pop(key, None)

@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from harness import KubectlError
-from operator_helpers import OpEnv, close_env, condition, make_env, tijob
+from operator_helpers import OpEnv, close_env, condition, make_env, tijob, write_checkpoint, write_progress
 from tinv.api.models import ConditionType as C
 from tinv.api.models import Reason as R
 from tinv.operator.builders import DEFAULT_GPU_DEADLINE_SECONDS
@@ -107,3 +108,23 @@ def test_deleting_a_namespace_with_unreachable_storage_is_bounded_and_the_give_u
         assert took < 45
     finally:
         close_env(env)
+
+
+def test_values_from_storage_the_crd_would_refuse_never_freeze_the_status(env: OpEnv):
+    """progress.json and manifests are written by user code: a value the CRD refuses (a step over
+    2^63, a summary over 64 characters, a negative rate) must not turn every status write into a 422."""
+    env.create(tijob("hostile"))
+    obj = env.wait_status("tijob", "hostile", lambda s: s.get("phase") == "Running", 60, "Running")
+    root = env.root(obj)
+    write_checkpoint(root, 2**64, 0.4)  # outside int64: never in status
+    good = write_checkpoint(root, 10, 0.3)
+    (root / "progress.json").write_text(json.dumps({
+        "state": "running", "step": 10**40, "total_steps": 10**41, "loss": 0.5, "samples_per_second": -3.0,
+        "images_per_second": -1.0, "eta_seconds": 10**30, "updated_at": "2026-01-01T00:00:00Z"}))
+    obj = env.wait_status("tijob", "hostile", lambda s: (s.get("latestCheckpoint") or {}).get("uuid") == good["uuid"], 30, "checkpoint in status")
+    progress = obj["status"]["progress"]
+    assert progress["loss"] == 0.5 and "step" not in progress and "samplesPerSecond" not in progress and len(progress.get("summary", "")) <= 64
+    assert [c["uuid"] for c in obj["status"]["checkpoints"]] == [good["uuid"]]
+    write_progress(root, 20, 100, 0.25, [good])  # and later writes still land
+    env.wait_status("tijob", "hostile", lambda s: (s.get("progress") or {}).get("step") == 20, 30, "progress after the hostile values")
+    assert "422" not in env.op.logs(5000)

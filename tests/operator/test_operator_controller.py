@@ -498,6 +498,10 @@ def test_a_suspended_job_is_replaced_only_once_its_pods_are_gone(env):
     with pytest.raises(Retry, match="replacing"):
         ctl.reconcile(B.TIJOB, body)
     assert "jobUid" not in _status(kube)["workload"], "our own replacement clears the record first"
+    # the watch still shows the old Job (it lags the DELETE): never adopted back into the record
+    with pytest.raises(Retry, match="earlier Job"):
+        ctl.reconcile(B.TIJOB, body)
+    assert ctl.facts[(B.TIJOB, NS, "demo")].record is None
     sync()
     assert ctl.reconcile(B.TIJOB, body) == "ok"
     assert kube.objects[key]["metadata"]["uid"] != old_uid
