@@ -60,7 +60,8 @@ class ModelSource(Model):
         description=(
             "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5', a diffusers folder at "
             "s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
-            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'); required."
+            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'), or 'builtin:shapes' for the small model tinv "
+            "trained on its shapes world; required."
         ),
     )
     revision: str | None = Field(
@@ -81,8 +82,9 @@ class ModelSource(Model):
 
     __cel__ = (
         Rule(
-            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:(tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?$') : true",
-            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N'",
+            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:((tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?|shapes)$') : true",
+            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N',"
+            " and 'builtin:shapes' (the trained shapes model)",
             field_path=".source",
         ),
     )
@@ -277,6 +279,32 @@ class Reason:
     REFERENCED_JOB_FAILED = "ReferencedJobFailed"
 
 
+class ExitCode:
+    """The trainer's and generator's process exit codes: the operator's retry policy reads them.
+
+    ==== ============ ==========================================================================
+    0    OK           finished (or was already finished); not retried
+    1    INTERNAL     an unexpected error (a bug, a device fault, out of memory); retryable
+    2    INVALID      bad spec or input (images, tokens, resume source); not retryable
+    69   UNAVAILABLE  a dependency could not be reached (model hub, object storage); retryable
+    75   PREEMPTED    SIGTERM: stopped at any moment -- in the loop after writing a checkpoint,
+                      during start-up with nothing new to save. Retryable and not counted
+                      against backoffLimit: a retry continues from the newest complete
+                      checkpoint, or starts over when there is none yet. The process prints
+                      one line saying what was saved ("nothing" before the first step).
+    130  INTERRUPTED  SIGINT (Ctrl-C) on a terminal: same as 75, for a person at a terminal
+    ==== ============ ==========================================================================
+    """
+
+    OK = 0
+    INTERNAL = 1
+    INVALID = 2
+    UNAVAILABLE = 69
+    PREEMPTED = 75
+    INTERRUPTED = 130
+    RETRYABLE = (INTERNAL, UNAVAILABLE, PREEMPTED)
+
+
 Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
 
 
@@ -363,6 +391,22 @@ class ObjectMeta(Model):
 # --------------------------------------------------------------------------- TextualInversionJob
 
 
+# Token rules that need no model (the vocabulary checks need the tokenizer and run in the trainer).
+TOKEN_RULES = (
+    Rule("self.matches('[a-z]')", "token needs at least one letter a-z (e.g. '<det-logo>', not '***')"),
+    Rule(
+        "!self.matches('[A-Z]')",
+        "token must be lower case: CLIP lower-cases prompts, and diffusers' load_textual_inversion uses only the first "
+        "vector of a capitalised multi-vector token (write e.g. '<mycat>' for '<MyCat>')",
+    ),
+    Rule("!self.contains('/') && !self.contains('\\\\')", "token must not contain '/' or '\\' (it names the embedding files)"),
+    Rule("!self.contains('<|') && !self.contains('|>')", "token must not look like a special token of the tokenizer (<|startoftext|>, <|endoftext|>)"),
+    Rule("!self.contains('{}')", "token must not contain '{}' (that is the template slot)"),
+)
+# The first concept whose token is part of another's (for the contained-token message).
+_CONTAINED = "self.filter(a, self.exists(b, a.token != b.token && b.token.contains(a.token)))[0]"
+
+
 class Concept(Model):
     """One concept to learn: a new token and the images that show it."""
 
@@ -370,7 +414,8 @@ class Concept(Model):
         min_length=1,
         max_length=64,
         pattern=r"^\S+$",
-        description="The new token used in prompts, e.g. 'det-logo'; no whitespace; required.",
+        description="The new token used in prompts, e.g. 'det-logo'; lower case, no whitespace, at least one letter; required.",
+        json_schema_extra=cel(*TOKEN_RULES),
     )
     property: Literal["object", "style"] = Field(
         default="object", description="Whether the images show an object or a style; picks the prompt templates; default object."
@@ -398,7 +443,16 @@ class Concept(Model):
         min_length=1,
         max_length=256,
         description="Prompt templates with '{}' where the token goes; default: the 27 object or 19 style templates.",
-        json_schema_extra=cel(Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes")),
+        json_schema_extra=cel(
+            Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes"),
+            # The trainer finds the token on word boundaries (as CLIP splits words): "a {}-style
+            # photo" would become "a det-logo-style photo", which never contains the token.
+            Rule(
+                "self.all(t, !t.matches('[A-Za-z0-9_-][{][}]') && !t.matches('[{][}][A-Za-z0-9_-]'))",
+                "a template's '{}' touches a letter, digit, '_' or '-' (e.g. 'a {}-style photo', '{}s'): the token would be "
+                "glued into another word and never trained; put a space or punctuation next to '{}'",
+            ),
+        ),
     )
     caption_from_filename: bool = Field(
         default=False, description="Append words from each image's file name to its prompt (Determined's append_file_name_to_text); default false."
@@ -448,9 +502,17 @@ class Training(Model):
         default=True, description="Multiply the learning rate by batch size x accumulation x world size; default true."
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="Optimizer of the new embedding rows; default adam.")
-    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Weight decay (adamw, sgd); default 0.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(default="constant", description="Learning-rate schedule; default constant.")
-    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps; default 0.")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Decoupled weight decay for every optimizer (AdamW's: each step scales the vectors by 1 - lr x weightDecay); default 0.",
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning-rate schedule, as diffusers' get_scheduler names it (constant ignores lrWarmupSteps); default constant.",
+    )
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 (constant_with_warmup, linear, cosine); default 0.")
     resolution: int = Field(
         default=512,
         ge=64,
@@ -462,6 +524,10 @@ class Training(Model):
         default="bicubic", description="Resampling filter when resizing images; default bicubic."
     )
     center_crop: bool = Field(default=False, description="Centre-crop images to a square before resizing; default false.")
+    transparent_background: Literal["white", "black"] = Field(
+        default="white",
+        description="Colour transparent pixels are composited on: white, or black (what diffusers' textual_inversion.py gives, as it drops the alpha channel of fully transparent pixels); default white.",
+    )
     flip_p: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip; default 0.5.")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         default="auto", description="Autocast dtype; auto is bf16 where supported, fp16 with a scaler otherwise, none on CPU; default auto."
@@ -519,6 +585,11 @@ class TextualInversionJobSpec(Model):
             Rule(
                 "self.all(a, self.all(b, a.token == b.token || !b.token.contains(a.token)))",
                 "no concept token may contain another (e.g. 'det-logo' and 'det-logo-demo'): prompts could not tell them apart",
+                message_expression=(
+                    "'no concept token may contain another: \\'' + "
+                    "self.filter(b, b.token != " + _CONTAINED + ".token && b.token.contains(" + _CONTAINED + ".token))[0].token"
+                    " + '\\' contains \\'' + " + _CONTAINED + ".token + '\\', so prompts could not tell them apart; rename one of them'"
+                ),
             ),
         ),
     )
@@ -769,7 +840,8 @@ RESOURCES: dict[str, type[Model]] = {"TextualInversionJob": TextualInversionJob,
 
 
 # --------------------------------------------------------------------------- names every part shares
-# The operator, the trainer and the CLI read these from here (never from the operator's builders).
+# The operator, the trainer and the CLI read these from here (never from the operator's builders);
+# the exit-code contract is `ExitCode` above.
 
 TIJOB_KIND = "TextualInversionJob"
 GRID_KIND = "GenerationGrid"
@@ -781,15 +853,3 @@ class Annotation:
 
     SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
     RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from
-
-
-class ExitCode:
-    """The trainer's and generator's process exit codes (DESIGN.md), which the Job's podFailurePolicy reads."""
-
-    OK = 0
-    FAILED = 1  # unexpected error; retried, counted
-    INVALID = 2  # bad config or input; never retried (FailJob)
-    MISSING_EXTRA = 3
-    UNAVAILABLE = 69  # a dependency unreachable; retried
-    PREEMPTED = 75  # SIGTERM after a checkpoint; retried, not counted
-    INTERRUPTED = 130

@@ -265,9 +265,11 @@ if [ "${JOB_COMPLETION_INDEX:-0}" != "0" ]; then
     waited=$((waited + 2))
   done
 fi
-exec torchrun --nnodes="$TINV_NNODES" --nproc-per-node="$TINV_NPROC_PER_NODE" \\
+# tinv.trainer.launch, not torchrun: it keeps the trainer's exit code (2, 75, ...) for the
+# podFailurePolicy and stops every pod's ranks when one fails (ops2, issue 14 item 5)
+exec python -m tinv.trainer.launch --nnodes="$TINV_NNODES" --nproc-per-node="$TINV_NPROC_PER_NODE" \\
   --node-rank="$JOB_COMPLETION_INDEX" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \\
-  -m tinv.api.cli train "$TINV_RESOURCE_FILE"
+  train "$TINV_RESOURCE_FILE"
 """
 
 
@@ -280,7 +282,7 @@ def command(kind: str, model: Any) -> list[str]:
     if r.workers > 1:
         return ["/bin/sh", "-c", RENDEZVOUS_WRAPPER]
     if r.gpus_per_worker > 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={r.gpus_per_worker}", "-m", "tinv.api.cli", "train", DOC_PATH]
+        return ["python", "-m", "tinv.trainer.launch", f"--nproc-per-node={r.gpus_per_worker}", "train", DOC_PATH]
     return ["tinv", "train", DOC_PATH]
 
 

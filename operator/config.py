@@ -69,6 +69,18 @@ class OperatorConfig:
     # the operator process
     poll_interval: float = 15.0
     poll_workers: int = 16
+    # storage reads of the poller (issue 14 item 6): one namespace must not stall or exhaust them
+    storage_read_timeout: float = 10.0
+    storage_max_object_bytes: int = 1 << 20
+    storage_max_clients: int = 32
+    allowed_storage_endpoints: tuple[str, ...] = ()
+    # operator-level policy (operator/policy.py; issue 14 item 8): glob patterns, empty = anything
+    allowed_images: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_schedulers: tuple[str, ...] = ()
+    allowed_secrets: tuple[str, ...] = ()
+    allowed_toleration_keys: tuple[str, ...] = ()
+    allowed_node_selector_keys: tuple[str, ...] = ()
     api_workers: int = 16
     status_workers: int = 6
     status_batch_interval: float = 0.5
@@ -107,8 +119,12 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--run-as-user", "run_as_user", "TINV_RUN_AS_USER", int, "uid (and gid) worker pods run as"),
     ("--termination-grace-seconds", "termination_grace_seconds", "TINV_TERMINATION_GRACE_SECONDS", int, "time a worker gets to checkpoint after SIGTERM"),
     ("--rendezvous-timeout", "rendezvous_timeout", "TINV_RENDEZVOUS_TIMEOUT", int, "seconds a worker waits for the master's DNS name before exiting 69 (retried)"),
+    ("--master-port", "master_port", "TINV_MASTER_PORT", int, "port of rank 0's rendezvous in multi-worker jobs (the launchers' control store uses the next one)"),
     ("--poll-interval", "poll_interval", "TINV_POLL_INTERVAL", float, "seconds between reads of progress.json and checkpoint manifests"),
     ("--poll-workers", "poll_workers", "TINV_POLL_WORKERS", int, "threads reading object storage (one pool for all resources)"),
+    ("--storage-read-timeout", "storage_read_timeout", "TINV_STORAGE_READ_TIMEOUT", float, "seconds one read of progress.json or a manifest may take (one attempt; retried next round)"),
+    ("--storage-max-object-bytes", "storage_max_object_bytes", "TINV_STORAGE_MAX_OBJECT_BYTES", int, "largest progress.json or manifest.json the operator reads; a larger one is refused by name"),
+    ("--storage-max-clients", "storage_max_clients", "TINV_STORAGE_MAX_CLIENTS", int, "S3 clients (endpoints) kept at once; the least recently used is closed"),
     ("--api-workers", "api_workers", "TINV_API_WORKERS", int, "threads reconciling resources into Jobs (kopf's handler pool)"),
     ("--status-workers", "status_workers", "TINV_STATUS_WORKERS", int, "threads writing status and Events (fewer than --api-workers: creating Jobs comes first)"),
     ("--status-min-interval", "status_min_interval", "TINV_STATUS_MIN_INTERVAL", float, "least seconds between two status writes of one resource (changes in between are merged)"),
@@ -116,6 +132,19 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--health-port", "health_port", "TINV_HEALTH_PORT", int, "kopf liveness endpoint port, http://:PORT/healthz (0: off)"),
     ("--cleanup-retries", "cleanup_retries", "TINV_CLEANUP_RETRIES", int, "attempts to delete outputs (storage.cleanupOnDelete) before giving up with a warning"),
     ("--log-level", "log_level", "TINV_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+# repeatable list flags: flag -> (attribute, environment variable (comma-separated), help)
+_LIST_FLAGS: list[tuple[str, str, str, str]] = [
+    ("--allowed-storage-endpoint", "allowed_storage_endpoints", "TINV_ALLOWED_STORAGE_ENDPOINTS",
+     "the only spec.storage.endpoint values allowed (URL, or host name for any scheme/port)"),
+    ("--allowed-image", "allowed_images", "TINV_POLICY_ALLOWED_IMAGES", "glob pattern of images spec.resources.image may name"),
+    ("--allowed-priority-class", "allowed_priority_classes", "TINV_POLICY_ALLOWED_PRIORITY_CLASSES", "PriorityClass (glob) spec.resources.priorityClassName may name"),
+    ("--allowed-scheduler", "allowed_schedulers", "TINV_POLICY_ALLOWED_SCHEDULERS", "scheduler (glob) spec.resources.schedulerName may name"),
+    ("--allowed-secret", "allowed_secrets", "TINV_POLICY_ALLOWED_SECRETS", "Secret (glob) a resource may expose to its pods (credentials, Hugging Face token)"),
+    ("--allowed-toleration-key", "allowed_toleration_keys", "TINV_POLICY_ALLOWED_TOLERATION_KEYS", "taint key (glob) spec.resources.tolerations may tolerate ('*' allows a key-less toleration)"),
+    ("--allowed-node-selector-key", "allowed_node_selector_keys", "TINV_POLICY_ALLOWED_NODE_SELECTOR_KEYS", "node label key (glob) spec.resources.nodeSelector may use"),
 ]
 
 
@@ -144,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
                    help="imagePullSecret of worker pods; repeatable [TINV_IMAGE_PULL_SECRETS]")
     p.add_argument("--pod-annotation-prefix", action="append", dest="pod_annotation_prefixes", metavar="PREFIX",
                    help="copy the resource's annotations with this key prefix to its pods; repeatable [TINV_POD_ANNOTATION_PREFIXES]")
+    for flag, attr, env, help_ in _LIST_FLAGS:
+        p.add_argument(flag, action="append", dest=attr, metavar="VALUE", help=f"{help_}; repeatable; none given: anything [{env}]")
     p.add_argument("--no-gpu-toleration", action="store_true", default=None,
                    help="do not add the toleration nvidia.com/gpu:NoSchedule to GPU pods [TINV_NO_GPU_TOLERATION]")
     p.add_argument("--cluster-wide", action="store_true", default=None,
@@ -171,6 +202,8 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
         namespaces = list(_split(env.get("TINV_NAMESPACES"))) or list(_split(env.get("POD_NAMESPACE")))
     values["namespaces"] = tuple(dict.fromkeys(namespaces))
     values["image_pull_secrets"] = tuple(args.image_pull_secrets or _split(env.get("TINV_IMAGE_PULL_SECRETS")))
+    for _flag, attr, var, _help in _LIST_FLAGS:
+        values[attr] = tuple(getattr(args, attr) or _split(env.get(var)))
     values["pod_annotation_prefixes"] = tuple(args.pod_annotation_prefixes or _split(env.get("TINV_POD_ANNOTATION_PREFIXES")))
     if args.no_gpu_toleration or _truthy(env.get("TINV_NO_GPU_TOLERATION")):
         values["gpu_toleration"] = False
@@ -194,6 +227,8 @@ def check(config: OperatorConfig) -> list[str]:
     problems = []
     if config.poll_interval <= 0:
         problems.append("--poll-interval must be positive")
+    if config.storage_read_timeout <= 0 or config.storage_max_object_bytes < 1024 or config.storage_max_clients < 1:
+        problems.append("--storage-read-timeout must be positive, --storage-max-object-bytes at least 1024, --storage-max-clients at least 1")
     if config.poll_workers < 1 or config.api_workers < 1 or config.status_workers < 1:
         problems.append("--poll-workers, --api-workers and --status-workers must be at least 1")
     if config.storage_addressing_style not in (None, "auto", "path", "virtual"):

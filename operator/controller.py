@@ -23,7 +23,7 @@ from typing import Any
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import Metrics
-from .poller import StorageReader
+from .poller import PollLimits, StorageReader
 from .polling import Polling
 from .reconciler import GaveUp, Invalid, Reconciler, Retry
 from .registry import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Key, Registry, slim
@@ -37,7 +37,7 @@ class Controller:
     def __init__(self, config: OperatorConfig, kube: Kube | None, metrics: Metrics, reader: StorageReader | None = None):
         self.kube = kube
         self.metrics = metrics
-        self.reader = reader or StorageReader()
+        self.reader = reader or StorageReader(limits=PollLimits.from_config(config), workers=config.poll_workers)
         self.registry = Registry()
         self.status = StatusWriter(config, kube, metrics, self.registry)
         self.reconciler = Reconciler(config, kube, metrics, self.registry, self.status, self.reader)
@@ -96,10 +96,6 @@ class Controller:
     def event_pool(self):
         return self.status.event_pool
 
-    @property
-    def poll_pool(self):
-        return self.polling.pool
-
     # ------------------------------------------------------------------ lifecycle
     async def start(self, indices: dict[str, Any]) -> None:
         self.registry.indices = indices
@@ -120,7 +116,7 @@ class Controller:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         self.status.shutdown()
-        self.polling.shutdown()
+        self.reader.close()
 
     # ------------------------------------------------------------------ what kopf tells
     def on_resource(self, kind: str, ns: str, name: str) -> None:

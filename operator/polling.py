@@ -1,7 +1,7 @@
 """Polling storage and sweeping: the operator's periodic round, every `poll_interval` seconds.
 
 `poll_once` reads every active resource's progress.json and checkpoint manifests through the
-shared `poller.StorageReader` (a bounded thread pool) and marks changed resources dirty. `sweep`
+shared `poller.StorageReader` (its own bounded threads, time-boxed) and marks changed resources dirty. `sweep`
 then recomputes every status (cheap, catches missed events), counts phases for the metrics,
 re-checks waiting grids, and re-reconciles a resource whose Job the watch no longer shows (the
 reconciler decides: a recorded Job is never created again).
@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from tinv.api.models import GRID_KIND, TIJOB_KIND
 
 from .config import OperatorConfig
 from .metrics import Metrics
-from .poller import StorageReader
+from .poller import StorageReader, Target
 from .reconciler import Reconciler
 from .registry import Key, Registry
-from .status import TERMINAL, Facts, StorageView
+from .status import TERMINAL, Facts
 
 log = logging.getLogger("tinv.operator")
 
@@ -35,11 +34,7 @@ class Polling:
         self.reg = registry
         self.reader = reader
         self.reconciler = reconciler
-        self.pool = ThreadPoolExecutor(config.poll_workers, thread_name_prefix="tinv-poll")
         self.rounds = 0
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def targets(self) -> list[tuple[Key, Facts]]:
         out = []
@@ -61,21 +56,14 @@ class Polling:
             out.append((key, facts))
         return out
 
-    def _read(self, key: Key, facts: Facts) -> tuple[Key, StorageView]:
-        view = self.reader.read(key, facts.output_uri or "", facts.storage, checkpoints=key[0] == TIJOB_KIND)
-        return key, view
-
     async def poll_once(self) -> int:
-        loop = asyncio.get_running_loop()
+        """One storage round (poller.StorageReader.poll: time-boxed, size-capped, resources isolated
+        from each other; a slow resource's result arrives in a later round)."""
         targets = self.targets()
         t0 = time.monotonic()
-        futures = [loop.run_in_executor(self.pool, self._read, key, facts) for key, facts in targets]
+        reads = [Target(key, facts.output_uri or "", facts.storage, key[0] == TIJOB_KIND) for key, facts in targets]
         changed = 0
-        for result in await asyncio.gather(*futures, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("storage read failed: %s", result)
-                continue
-            key, view = result
+        for key, view in await self.reader.poll(reads, budget=max(0.05, 0.8 * self.config.poll_interval)):
             if view.error:
                 self.metrics.read_failures.labels(key[0]).inc()
             if key not in self.reg.facts:

@@ -30,10 +30,11 @@ from pydantic import ValidationError
 from tinv.api.models import GRID_KIND, RESOURCES, TIJOB_KIND
 from tinv.api.models import ConditionType as C
 from tinv.api.models import Reason as R
-from tinv.api.storage import PROGRESS_FILE, S3Settings, StorageError, Store, join, run_root
+from tinv.api.storage import PROGRESS_FILE, StorageError, join, run_root
 from tinv.api.validation import validate_document
 
 from . import builders as B
+from . import policy
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
@@ -104,6 +105,7 @@ class Reconciler:
         """The facts of a valid resource (raises Invalid / SpecError otherwise)."""
         meta = body.get("metadata") or {}
         eff = B.effective(self.validate(kind, body), self.config)
+        policy.enforce(eff, self.config)  # the operator's policy (ops2, issue 14 item 8): a SpecError naming the field
         spec = eff.model.spec
         job_name = B.child_name(kind, meta.get("name"))
         facts = Facts(
@@ -294,8 +296,8 @@ class Reconciler:
         root = facts.output_uri or ""
         if root.startswith("pvc://"):
             return True  # unreadable here: never risk running the work twice
-        try:
-            return Store(S3Settings.from_spec(eff.model.spec.storage)).exists(join(root, PROGRESS_FILE))
+        try:  # the reader's client: its endpoint allow-list and limits hold here too
+            return self.reader.store_for(facts.storage).exists(join(root, PROGRESS_FILE))
         except StorageError as err:
             raise Retry(f"cannot tell whether Job {facts.job_name} ran ({short(str(err), 300)}); checking again", 15) from None
 

@@ -56,7 +56,7 @@ def test_job_gets_the_pod_spec_runs_and_reports_progress_and_checkpoints(env: Op
     assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
     pod = spec["template"]["spec"]
     c = pod["containers"][0]
-    assert c["command"][:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    assert c["command"][:4] == ["python", "-m", "tinv.trainer.launch", "--nproc-per-node=2"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]
     assert {t["key"]: t["values"] for t in terms} == {"gpu.nvidia.com/class": ["A100_PCIE_80GB"], "topology.kubernetes.io/region": ["ORD1"]}

@@ -143,7 +143,7 @@ def env(tmp_path):
 
     yield ctl, kube, idx, put, sync_jobs
     ctl.api_pool.shutdown(wait=False)
-    ctl.poll_pool.shutdown(wait=False)
+    ctl.reader.close()
     ctl.event_pool.shutdown(wait=False)
 
 
