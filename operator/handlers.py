@@ -8,7 +8,10 @@ process (tests) and nothing happens at import time.
 * create / update / resume: `Controller.reconcile()`; invalid specs raise kopf.PermanentError
   (a condition, no retry loop), transient API errors kopf.TemporaryError with back-off;
 * delete: only for resources with spec.storage.cleanupOnDelete (only those get the finalizer):
-  delete the outputs, a bounded number of attempts, then give up with a Warning Event;
+  delete the Job, wait for its pods (kopf.TemporaryError, never a sleep), then delete the outputs;
+  bounded in time and attempts, then the outputs are kept and a Warning says so (on the operator's
+  pod when the resource's namespace is terminating and takes no new Event);
+* Job DELETED events re-check the owner at once (a recorded Job is never created again);
 * startup: kopf settings (watch timeouts, annotation-based persistence, selectors) and the
   controller's status and poll tasks; cleanup: stop them.
 """

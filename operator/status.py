@@ -48,6 +48,10 @@ WARNING_REASONS = {
     SPEC_CHANGE_PENDING,
     CONTAINER_CONFIG_ERROR,
     RETRYING,
+    R.JOB_DELETED,
+    R.CHECKPOINT_NOT_FOUND,
+    R.NO_CHECKPOINT,
+    R.REFERENCED_JOB_FAILED,
 }
 MAX_MESSAGE = 1024
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable")
