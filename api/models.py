@@ -26,8 +26,13 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 URI_RULE = Rule(
-    "self.startsWith('s3://') || self.startsWith('pvc://') || self.startsWith('file://') || !self.contains('://')",
-    "must be s3://bucket/prefix, pvc://claim/path, file:///path or a local path",
+    # A scheme must be spelled out in full and name what it needs (a bucket, a claim, an absolute
+    # path): 's3:/bad', 's3://', 'file://relative' or 'http://x' can never work, in a cluster or
+    # locally, so the apiserver refuses them instead of failing after creation. A plain path (no
+    # scheme) stays valid for `tinv run`; the operator refuses it with a condition in a cluster.
+    # A single-letter "scheme" is a Windows drive (C:/data).
+    "self.matches('^(s3://[^/]+|pvc://[^/]+|file:///)') || !self.matches('^[A-Za-z][-A-Za-z0-9+.]+:')",
+    "must be s3://bucket/prefix, pvc://claim/path, file:///absolute/path or a local path (a scheme needs '://' and a bucket, claim or absolute path)",
 )
 
 SchedulerName = Literal[
@@ -264,6 +269,14 @@ class Reason:
     CHECKPOINT_RECORDED = "CheckpointRecorded"
     OUTPUTS_DELETED = "OutputsDeleted"
     OUTPUTS_KEPT = "OutputsKept"
+    # operator issue 14: lost Jobs, terminating pods, deletion, grid references
+    JOB_DELETED = "JobDeleted"
+    JOB_FAILED = "JobFailed"
+    WAITING_FOR_PODS = "WaitingForPods"
+    DELETING = "Deleting"
+    CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
+    NO_CHECKPOINT = "NoCheckpoint"
+    REFERENCED_JOB_FAILED = "ReferencedJobFailed"
 
 
 class ExitCode:
@@ -320,6 +333,14 @@ class Workload(Model):
     job_name: str | None = Field(default=None, description="Name of the child batch/v1 Job.")
     config_map_name: str | None = Field(default=None, description="Name of the ConfigMap holding the resource document.")
     service_name: str | None = Field(default=None, description="Name of the headless Service for multi-worker rendezvous.")
+    # The record that makes a finished Job never run twice: written before the Job is created
+    # (jobGeneration) and once it exists (jobUid); a Job that disappears while recorded here is
+    # not re-created. Cleared only when the operator itself replaces the Job (a spec change
+    # applied while suspended).
+    job_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the child Job was created from (recorded before creating it)."
+    )
+    job_uid: str | None = Field(default=None, max_length=64, description="uid of the child Job the operator created.")
 
 
 class CheckpointRef(Model):
@@ -816,3 +837,19 @@ class GenerationGrid(Model):
 
 
 RESOURCES: dict[str, type[Model]] = {"TextualInversionJob": TextualInversionJob, "GenerationGrid": GenerationGrid}
+
+
+# --------------------------------------------------------------------------- names every part shares
+# The operator, the trainer and the CLI read these from here (never from the operator's builders);
+# the exit-code contract is `ExitCode` above.
+
+TIJOB_KIND = "TextualInversionJob"
+GRID_KIND = "GenerationGrid"
+PLURALS: dict[str, str] = {kind: model.__crd__.plural for kind, model in RESOURCES.items()}  # type: ignore[attr-defined]
+
+
+class Annotation:
+    """Annotation keys the operator sets on child objects."""
+
+    SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
+    RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from
