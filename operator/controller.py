@@ -633,6 +633,7 @@ class Controller:
                 self.mark(key)
         self.metrics.poll_seconds.observe(time.monotonic() - t0)
         self.metrics.poll_targets.set(len(targets))
+        self.metrics.reads_in_flight.set(self.reader.inflight)
         self.poll_rounds += 1
         return changed
 

@@ -20,6 +20,7 @@ from tinv.api.models import Reason as R
 from tinv.api.storage import join
 
 from .builders import GPU_RESOURCE, GRID, TIJOB
+from .workers import worker_status
 
 
 QUEUED = R.QUEUED
@@ -91,6 +92,8 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "succeeded": st.get("succeeded", 0) or 0,
         "failed": st.get("failed", 0) or 0,
         "terminating": st.get("terminating", 0) or 0,
+        "failedIndexes": st.get("failedIndexes"),  # grid shards given up on (workers.worker_status)
+        "completedIndexes": st.get("completedIndexes"),
         "startTime": st.get("startTime"),
         "completionTime": st.get("completionTime"),
         "conditions": {
@@ -420,6 +423,7 @@ def compute_status(
     if facts.service_name:
         workload["serviceName"] = facts.service_name
     st["workload"] = workload
+    st.update(worker_status(kind, job, old))  # status.workers, status.failedShards (ops2, issue 14 item 12)
     if facts.output_uri:
         st["outputUri"] = facts.output_uri
     for key in ("startTime", "completionTime", "message"):
@@ -544,10 +548,12 @@ def compute_status(
         msg += "; set spec.runPolicy.suspend=false to resume from the newest checkpoint"
         conds.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, msg)
         conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
+        _unschedule(conds, R.SUSPENDED_BY_USER, msg)
     elif job.get("suspend"):
         phase = "Pending"
         msg = f"waiting for Kueue to admit the Job in queue {facts.queue}"
         conds.set(C.RUNNING, False, QUEUED, msg)
+        _unschedule(conds, QUEUED, msg)  # pre-empted: its pods are gone, so is its placement
     else:
         if conds.is_true(C.SUSPENDED):
             latest = (st.get("latestCheckpoint") or {}).get("uuid")
@@ -595,6 +601,12 @@ def compute_status(
                 conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {facts.job_name} created; waiting for its pods")
     st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
     return _overlay_storage(st, conds, storage, kind)
+
+
+def _unschedule(conds: Conditions, reason: str, message: str) -> None:
+    """A suspended or pre-empted Job has no pods: Scheduled=True would still name their nodes."""
+    if conds.is_true(C.SCHEDULED):
+        conds.set(C.SCHEDULED, False, reason, message)
 
 
 def _overlay_storage(st: dict[str, Any], conds: Conditions, storage: StorageView | None, kind: str) -> dict[str, Any]:
