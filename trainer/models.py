@@ -302,6 +302,10 @@ def locate(
     store: storage.Store | None = None,
 ) -> Located:
     """Find (or download, or build) a model of any supported source (see the module doc)."""
+    if source == "builtin:shapes":  # the pretrained shapes-world model shipped in the package (tinv.trainer.world)
+        from .world import weights
+
+        return Located(source, path=weights.model_folder())
     if source.startswith("builtin:"):
         build = BUILTINS.get(builtin_name(source))
         if build is None:
