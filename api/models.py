@@ -211,6 +211,14 @@ class RunPolicy(Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished child Job (not the resource, not outputs) after this many seconds; default: keep."
     )
+    managed_by: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="spec.managedBy of the child Job, e.g. kueue.x-k8s.io/multikueue (MultiKueue runs it in a worker cluster); "
+        "default: the Job controller of this cluster.",
+        json_schema_extra=cel(immutable("spec.runPolicy.managedBy")),
+    )
 
 
 class Condition(Model):
@@ -343,6 +351,18 @@ class Workload(Model):
     job_uid: str | None = Field(default=None, max_length=64, description="uid of the child Job the operator created.")
 
 
+class WorkerCounts(Model):
+    """The child Job's worker pods, as its status counts them (Kubeflow's replicaStatuses)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    active: int = Field(default=0, ge=0, description="Worker pods pending or running.")
+    ready: int = Field(default=0, ge=0, description="Worker pods running and ready.")
+    succeeded: int = Field(default=0, ge=0, description="Worker pods that finished successfully.")
+    failed: int = Field(default=0, ge=0, description="Worker pods that failed (over every retry).")
+    terminating: int = Field(default=0, ge=0, description="Worker pods being stopped.")
+
+
 class CheckpointRef(Model):
     """A complete checkpoint in storage (its manifest.json exists)."""
 
@@ -371,6 +391,7 @@ class BaseStatus(Model):
     completion_time: str | None = Field(default=None, description="When the workload finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Progress read from progress.json.")
     workload: Workload | None = Field(default=None, description="The child Job, ConfigMap and Service.")
+    workers: WorkerCounts | None = Field(default=None, description="Worker pods of the child Job: active, ready, succeeded, failed, terminating.")
     output_uri: str | None = Field(default=None, description="Root of this resource's outputs in storage.")
     message: str | None = Field(default=None, max_length=32768, description="Last workload summary (termination message).")
 
@@ -805,6 +826,9 @@ class GenerationGridStatus(BaseStatus):
     resolved_embeddings: list[ResolvedEmbedding] = Field(default_factory=list, description="Embeddings with 'latest' resolved to uuids.")
     gallery_uri: str | None = Field(default=None, description="URI of the gallery page (index.html).")
     index_uri: str | None = Field(default=None, description="URI of index.json, listing every image and its parameters.")
+    failed_shards: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=128, description="Shard indexes (JOB_COMPLETION_INDEX) whose worker failed, ascending."
+    )
 
 
 class GenerationGrid(Model):

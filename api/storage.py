@@ -421,6 +421,11 @@ def job_of_run(folder: str) -> str | None:
     return m.group("job") if m else None
 
 
+def job_of_checkpoint(uri: str) -> str | None:
+    """The resource name of the run holding a checkpoint folder `<root>/checkpoints/<uuid>`."""
+    return job_of_run(uri.rstrip("/").rsplit("/" + CHECKPOINTS_DIR + "/", 1)[0])
+
+
 def run_roots(store: Store, storage_uri: str | None, namespace: str | None, job: str | None = None) -> list[str]:
     """Run roots of one resource -- folders named EXACTLY `<job>-<uid8>` or `<job>-local`, never
     by prefix (so job `foo` never sees `foo-bar`'s runs) -- or, with job None, of every resource."""

@@ -519,6 +519,8 @@ def build_job(kind: str, eff: Effective, config: OperatorConfig) -> dict[str, An
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
     if rp.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    if rp.managed_by:  # MultiKueue and other Job managers (ops2, issue 14 item 12)
+        job_spec["managedBy"] = rp.managed_by
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 

@@ -74,6 +74,7 @@ class Polling:
                 self.reg.mark(key)
         self.metrics.poll_seconds.observe(time.monotonic() - t0)
         self.metrics.poll_targets.set(len(targets))
+        self.metrics.reads_in_flight.set(self.reader.inflight)
         self.rounds += 1
         return changed
 

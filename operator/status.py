@@ -25,6 +25,7 @@ from tinv.api.models import Reason as R
 from tinv.api.storage import join
 
 from .builders import COMPLETION_INDEX_ANNOTATION, GPU_RESOURCE, LABEL_OWNER_UID
+from .workers import worker_status
 
 
 QUEUED = R.QUEUED
@@ -101,6 +102,8 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "succeeded": st.get("succeeded", 0) or 0,
         "failed": st.get("failed", 0) or 0,
         "terminating": st.get("terminating", 0) or 0,
+        "failedIndexes": st.get("failedIndexes"),  # grid shards given up on (workers.worker_status)
+        "completedIndexes": st.get("completedIndexes"),
         "startTime": st.get("startTime"),
         "completionTime": st.get("completionTime"),
         "conditions": {
@@ -475,6 +478,7 @@ def _observe(kind: str, old: dict[str, Any], generation: int | None, spec: dict[
              job: dict[str, Any] | None, pods: list[dict[str, Any]], storage: StorageView | None, now: str) -> Observed:
     conds = Conditions(old.get("conditions"), generation, now)
     st: dict[str, Any] = {"workload": _workload(facts)}
+    st.update(worker_status(kind, job, old))  # status.workers, status.failedShards
     if facts.output_uri:
         st["outputUri"] = facts.output_uri
     for key in ("startTime", "completionTime", "message"):
@@ -701,14 +705,23 @@ def _suspended(o: Observed) -> str:
     msg += "; set spec.runPolicy.suspend=false to resume from the newest checkpoint"
     o.conds.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, msg)
     o.conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
+    _unschedule(o.conds, R.SUSPENDED_BY_USER, msg)
     _started(o)
     return "Suspended"
 
 
 def _queued(o: Observed) -> str:
-    o.conds.set(C.RUNNING, False, QUEUED, f"waiting for Kueue to admit the Job in queue {o.facts.queue}")
+    msg = f"waiting for Kueue to admit the Job in queue {o.facts.queue}"
+    o.conds.set(C.RUNNING, False, QUEUED, msg)
+    _unschedule(o.conds, QUEUED, msg)  # pre-empted: its pods are gone, so is its placement
     _started(o)
     return "Pending"
+
+
+def _unschedule(conds: Conditions, reason: str, message: str) -> None:
+    """A suspended or pre-empted Job has no pods: Scheduled=True would still name their nodes."""
+    if conds.is_true(C.SCHEDULED):
+        conds.set(C.SCHEDULED, False, reason, message)
 
 
 def _active(o: Observed) -> str:

@@ -238,7 +238,7 @@ def resolve(store: storage.Store, run: str, storage_root: str | None, namespace:
         hint = ""
         elsewhere = api_storage.find_checkpoint(store, storage_root, namespace, ck)
         if elsewhere is not None:
-            owner = api_storage.job_of_run(elsewhere["uri"].rsplit("/" + api_storage.CHECKPOINTS_DIR + "/", 1)[0])
+            owner = api_storage.job_of_checkpoint(elsewhere["uri"])
             hint = f". It belongs to job {owner!r} ({elsewhere['uri']}): set resumeFrom.job: {owner}, or give that URI as resumeFrom.checkpoint"
         elif not job:
             hint = ". A checkpoint of another job needs resumeFrom.job (that job's name) beside the uuid, or the checkpoint folder's URI"

@@ -288,7 +288,8 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
     batch_size = int(opts.batch_size or spec.batch_size)
     log.info("grid %s: %d images; shard %d/%d renders %d of them into %s", grid.metadata.name, len(images), i, n, len(mine), images_uri)
 
-    with StopFlag("grid") as stop:  # a signal while loading stops at once: nothing rendered yet
+    with StopFlag("grid", prog="tinv generate") as stop:  # a signal while loading stops at once
+        stop.saved = "no new image rendered; the images already written are kept, re-run to resume"
         if engine is None:
             engine = load_engine(
                 opts.model or spec.model.source, refs_of(grid), revision=spec.model.revision, variant=spec.model.variant,

@@ -64,7 +64,7 @@ def cmd_generate(argv: list[str], ctx) -> int:
     from tinv.api.validation import load_resource
 
     from . import grid as grids
-    from .reporting import termination_path, write_termination_message
+    from .runtime import termination_path, write_termination_message
 
     ctx.termination = termination_path(args.termination_message_path)
     grid = load_resource(args.grid, GenerationGrid)

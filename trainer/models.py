@@ -101,7 +101,8 @@ class ModelBundle:
         )
 
 
-def _from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+def from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+    """A bundle over already built components (tokenizer, text_encoder, vae, unet, scheduler)."""
     return ModelBundle(
         source=source,
         family="sd",
@@ -142,7 +143,7 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
     for m in (text_encoder, vae, unet):
         m.eval()
         m.requires_grad_(False)
-    return _from_components(
+    return from_components(
         source,
         {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler},
         str(path),
@@ -289,7 +290,7 @@ class Located:
 
     def load(self) -> ModelBundle:
         if self.components is not None:
-            return _from_components(self.source, self.components)
+            return from_components(self.source, self.components)
         return load_folder(self.path, self.source, self.variant)
 
 

@@ -109,27 +109,24 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
     (or Options.model) is loaded."""
     opts = options or Options()
     T = job.spec.training
-    with runtime.StopFlag("training") as stop:
+    with runtime.StopFlag("training", prog="tinv train", termination_path=opts.termination_path) as stop:
         # 1. Open the run: ranks, device, storage, where to start, the images.
         run = Run.open(job, opts)
-        start = None
-        try:
-            start = checkpoint.find_start(run.store, run.uri, storage_root=run.storage_uri, namespace=run.namespace,
-                                          resume_from=job.spec.resume_from, auto_resume=opts.auto_resume)
-            ds = data.build_dataset(job.spec.concepts, T.resolution, T.center_crop, T.interpolation, run.store,
-                                    Path(opts.base_dir) if opts.base_dir else None, T.transparent_background)
-            log.info("%d training images, %d concept(s); run folder %s", len(ds), len(job.spec.concepts), run.uri)
-            # 2. The frozen model and the vocabulary of new tokens (checked from the tokenizer alone,
-            #    before any weights are read); every prompt must hold every vector of its concept.
-            bundle, vocab = load_frozen(job, opts, run, model)
-            objective.check_prompts(ds, vocab)
-            # 3. The new vectors: the initializers', or the start source's.
-            init = tokens.initial_vectors(vocab, bundle.text_encoder.get_input_embeddings().weight,
-                                          torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS)))
-            restored = checkpoint.restore(start, vocab, init)
-            latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0)
-        except runtime.Stopped as e:
-            raise runtime.Stopped(e.signum, f"{e}: {start.saved() if start else 'nothing saved (no step had run)'}") from None
+        start = checkpoint.find_start(run.store, run.uri, storage_root=run.storage_uri, namespace=run.namespace,
+                                      resume_from=job.spec.resume_from, auto_resume=opts.auto_resume)
+        stop.saved = start.saved()
+        ds = data.build_dataset(job.spec.concepts, T.resolution, T.center_crop, T.interpolation, run.store,
+                                Path(opts.base_dir) if opts.base_dir else None, T.transparent_background)
+        log.info("%d training images, %d concept(s); run folder %s", len(ds), len(job.spec.concepts), run.uri)
+        # 2. The frozen model and the vocabulary of new tokens (checked from the tokenizer alone,
+        #    before any weights are read); every prompt must hold every vector of its concept.
+        bundle, vocab = load_frozen(job, opts, run, model)
+        objective.check_prompts(ds, vocab)
+        # 3. The new vectors: the initializers', or the start source's.
+        init = tokens.initial_vectors(vocab, bundle.text_encoder.get_input_embeddings().weight,
+                                      torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS)))
+        restored = checkpoint.restore(start, vocab, init)
+        latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0)
         layer = tokens.install(bundle.text_encoder, restored.vectors.to(run.device), offset=vocab.base_size)
         new = layer.new  # THE trainable tensor
         assert [p for p in bundle.text_encoder.parameters() if p.requires_grad] == [new]
@@ -138,7 +135,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         local = T.batch_size * T.gradient_accumulation
         G = local * run.dist.world
         base_lr = T.learning_rate * (G if T.scale_lr else 1)
-        warn_about_batch(T, G, len(ds), base_lr, run.dist.world)
+        warn_about_settings(T, G, len(ds), base_lr, run.dist.world)
         opt = build_optimizer(T.optimizer, [new], base_lr, T.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if run.dtype == torch.float16 else None
         loss_history: list[float] = []
@@ -356,8 +353,11 @@ def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
         module.to(dtype)
 
 
-def warn_about_batch(T, G: int, n_images: int, lr: float, world: int) -> None:
+def warn_about_settings(T, G: int, n_images: int, lr: float, world: int) -> None:
     """Settings that run but are rarely what was meant: say so with the numbers and what to change."""
+    if T.lr_scheduler == "constant" and T.lr_warmup_steps:
+        log.warning("lrScheduler constant ignores lrWarmupSteps %d (as diffusers' does); use constant_with_warmup to warm up",
+                    T.lr_warmup_steps)
     if G > n_images:
         log.warning(
             "each step takes %d samples (batchSize %d x gradientAccumulation %d x %d worker%s) from only %d image%s: "

@@ -71,4 +71,8 @@ app.kubernetes.io/component: operator
   resourceNames: [{{ . | quote }}]
   verbs: ["get"]
 {{- end }}
+# leader election of the replicas (operator/leader.py)
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
 {{- end -}}
