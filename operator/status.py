@@ -471,7 +471,7 @@ def compute_status(
     phase = CASES[case](o)
     o.st.update(phase=phase, conditions=o.conds.to_list(), observedGeneration=reconciled)
     _overlay_storage(o)
-    return clamp_status(kind, o.st)
+    return clamp_status(kind, o.st, o.old)
 
 
 def _observe(kind: str, old: dict[str, Any], generation: int | None, spec: dict[str, Any], facts: Facts,
@@ -829,11 +829,13 @@ def _finite(value: Any, minimum: float | None = None) -> float | None:
     return None if minimum is not None and value < minimum else float(value)
 
 
-def clamp_status(kind: str, st: dict[str, Any]) -> dict[str, Any]:
+def clamp_status(kind: str, st: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit a computed status into the CRD's schema (tinv.api's status models): values read from
     storage that the apiserver would refuse with 422 (negative rates, steps over 2^63, a summary
     over 64 characters, a non-finite loss) are dropped or cut, so the status write never fails on
-    them. Whatever the explicit rules miss, the status model's validation finds and drops."""
+    them. Whatever the explicit rules miss, the status model's validation finds and drops; it runs
+    only when the status changed (`old`, the stored status, was accepted by the apiserver), which
+    keeps the steady-state sweep over thousands of resources cheap."""
     progress = st.get("progress")
     if isinstance(progress, dict):
         for key in _PROGRESS_INTS:
@@ -861,7 +863,7 @@ def clamp_status(kind: str, st: dict[str, Any]) -> dict[str, Any]:
         st["message"] = short(str(st["message"]), 32768)
     for c in st.get("conditions") or []:
         c["reason"] = short(c.get("reason") or "", 1024)
-    return _drop_invalid(kind, st)
+    return st if old is not None and st == old else _drop_invalid(kind, st)
 
 
 def _drop_invalid(kind: str, st: dict[str, Any]) -> dict[str, Any]:
