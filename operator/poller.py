@@ -98,6 +98,7 @@ class _Cache:
     progress_stamp: Any = None
     rounds_since_list: int = 0
     listed: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # oversized manifests of the last listing, by name
     last: StorageView | None = None  # the last good view: a failed read keeps showing it, with the error
 
 
@@ -188,6 +189,8 @@ class StorageReader:
                     cache.progress_stamp = stamp
                     cache.rounds_since_list = 0
                 view.checkpoints = list(cache.listed)
+                if cache.refused:
+                    view.error = "; ".join(cache.refused)  # the other checkpoints are listed all the same
             cache.last = view
         except TooLarge as err:
             log.warning("refused an oversized object: %s", err)
@@ -201,6 +204,7 @@ class StorageReader:
     def _list(self, store: Store, root: str, cache: _Cache, get: Any) -> list[dict[str, Any]]:
         backoff = self.limits.incomplete_backoff
         rounds = self.rounds
+        refused: list[str] = []
 
         def read_manifest(uuid: str, uri: str) -> Any:
             tried = cache.incomplete.get(uuid)
@@ -208,6 +212,10 @@ class StorageReader:
                 raise NotFound(uri)  # seen without its manifest recently: not fetched again yet
             try:
                 manifest = get(uri)
+            except TooLarge as err:
+                log.warning("refused an oversized manifest: %s", err)
+                refused.append(str(err))  # tried again at the next listing: refusing costs one HEAD-sized read
+                raise NotFound(uri) from None
             except (NotFound, ValueError):
                 cache.incomplete[uuid] = rounds
                 raise NotFound(uri) from None
@@ -218,6 +226,7 @@ class StorageReader:
             return manifest
 
         found = list_checkpoints(store, root, known=cache.manifests, read=read_manifest)
+        cache.refused = refused
         present = {m["uri"].rstrip("/").rsplit("/", 1)[-1] for m in found} | set(cache.incomplete)
         for gone in set(cache.manifests) - present:
             cache.manifests.pop(gone, None)

@@ -148,6 +148,7 @@ def test_oversized_objects_are_refused_by_name(tmp_path):
     (big / "manifest.json").write_text(json.dumps({"uuid": "big", "step": 3, "pad": "x" * 10_000}))
     view = reader.read(("job", "r"), f"file://{root}", None, checkpoints=True)
     assert view.error and f"{big}/manifest.json" in view.error and "over the limit of 4096 bytes" in view.error
+    assert [c["uuid"] for c in view.checkpoints] == ["ok"]  # the others are listed all the same
     (big / "manifest.json").write_text(json.dumps({"uuid": "big", "step": 3}))
     view = reader.read(("job", "r"), f"file://{root}", None, checkpoints=True, force_list=True)
     assert view.error is None and [c["uuid"] for c in view.checkpoints] == ["ok", "big"]
