@@ -38,6 +38,7 @@ from . import builders as B
 from . import policy
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
+from .events import EventRecorder
 from .metrics import Metrics
 from .poller import PollLimits, StorageReader, Target
 from .status import (
@@ -153,6 +154,7 @@ class Controller:
         self.api_pool = ThreadPoolExecutor(config.status_workers, thread_name_prefix="tinv-status")
         # Events go out on their own small pool, after the status they describe: never ahead of it
         self.event_pool = ThreadPoolExecutor(2, thread_name_prefix="tinv-events")
+        self.events = EventRecorder(kube, self.instance, metrics) if kube is not None else None
         self.poll_rounds = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -516,32 +518,8 @@ class Controller:
                 post_all()
 
     def post_event(self, kind: str, meta: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        assert self.kube is not None
-        ts = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        ns = meta.get("namespace")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": ns},
-            "involvedObject": {
-                "apiVersion": B.API_VERSION, "kind": kind, "name": meta.get("name"), "namespace": ns, "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": short(message, 1024),
-            "source": {"component": B.MANAGED_BY},
-            "reportingComponent": f"{B.MANAGED_BY}",
-            "reportingInstance": self.instance[:128],
-            "firstTimestamp": ts[:19] + "Z",
-            "lastTimestamp": ts[:19] + "Z",
-            "count": 1,
-        }
-        try:
-            self.kube.create(path_for("Event", ns), event)
-            self.metrics.events.labels(type_).inc()
-        except ApiError as err:
-            log.warning("cannot post Event %s on %s %s/%s: %s", reason, kind, ns, meta.get("name"), err)
+        # aggregated: the same reason on the same object updates one Event (ops2, issue 14 item 12)
+        self.events.post(kind, meta, type_, reason, short(message, 1024))
 
     async def _status_loop(self) -> None:
         assert self._wake is not None and self._loop is not None
