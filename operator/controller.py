@@ -40,7 +40,7 @@ from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
 from .events import EventRecorder
 from .metrics import Metrics
-from .poller import PollLimits, StorageReader, Target
+from .poller import PollLimits, StorageReader, Target, not_running
 from .status import (
     TERMINAL,
     Facts,
@@ -582,8 +582,9 @@ class Controller:
             if body is None:
                 continue
             phase = (body.get("status") or {}).get("phase")
-            if phase in TERMINAL:
-                # a couple of final reads catch the last checkpoint and progress after the end
+            if phase in TERMINAL or not_running(phase, self.job(key[1], facts.job_name, (body.get("metadata") or {}).get("uid"))):
+                # a couple of final reads catch the last checkpoint and progress after the end (or
+                # before a suspension / while queued: nothing writes there until pods run again)
                 n = self.final_sweeps.get(key, 0)
                 if n >= 2:
                     continue

@@ -283,6 +283,12 @@ class StorageReader:
             _close(store)
 
 
+def not_running(phase: str | None, job: dict[str, Any] | None) -> bool:
+    """A suspended resource, or one whose Job is suspended with no pods (queued in Kueue, or
+    pre-empted): no trainer writes to its storage, so polling it every round is wasted work."""
+    return phase == "Suspended" or bool(job and job.get("suspend") and not job.get("active"))
+
+
 def _stale(cache: _Cache, error: str) -> StorageView:
     last = cache.last or StorageView()
     return replace(last, checkpoints=list(last.checkpoints), error=error)

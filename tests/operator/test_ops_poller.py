@@ -195,3 +195,41 @@ def test_client_cache_is_bounded_and_endpoints_allow_listed(tmp_path):
     assert not endpoint_allowed("https://cwobject.com.evil.example", ["cwobject.com"])
     assert endpoint_allowed(None, ["cwobject.com"]) and endpoint_allowed("http://x", [])
     reader.close()
+
+
+def test_suspended_and_queued_resources_are_not_polled():
+    from tinv.operator.poller import not_running
+
+    assert not_running("Suspended", None)
+    assert not_running("Pending", {"suspend": True, "active": 0})  # queued in Kueue, or pre-empted
+    assert not not_running("Pending", {"suspend": True, "active": 1})  # still stopping: its last checkpoint comes
+    assert not not_running("Running", {"suspend": False, "active": 1}) and not not_running("Pending", None)
+
+
+def test_the_controller_stops_polling_a_suspended_resource(tmp_path):
+    from test_operator_controller import B, NS, tijob  # the controller tests' resource and namespace
+
+    from prometheus_client import CollectorRegistry
+
+    from tinv.operator.config import OperatorConfig
+    from tinv.operator.controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, slim
+    from tinv.operator.metrics import Metrics
+    from tinv.operator.status import Facts
+
+    ctl = Controller(OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}"), None, Metrics.create(CollectorRegistry()))
+    try:
+        body = tijob()
+        key = (B.TIJOB, NS, "demo")
+        ctl.indices = {IDX_RESOURCES[B.TIJOB]: {(NS, "demo"): [slim(body)]}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
+        ctl.facts[key] = Facts(kind=B.TIJOB, job_name="demo-train", output_uri=f"file://{tmp_path}/r")
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]
+        assert [k for k, _ in ctl.poll_targets()] == [key]
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": True, "active": 0}]  # queued / suspended
+        rounds = [bool(ctl.poll_targets()) for _ in range(5)]
+        assert rounds == [True, True, False, False, False]  # two last reads, then none
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]  # admitted again
+        assert [k for k, _ in ctl.poll_targets()] == [key]
+    finally:
+        ctl.reader.close()
+        ctl.api_pool.shutdown(wait=False)
+        ctl.event_pool.shutdown(wait=False)
