@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable
 
 from tinv.api.storage import (
     PROGRESS_FILE,

@@ -10,11 +10,10 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import pytest
+from testkit import SlowEndpoint
 
 from cluster.operator_helpers import close_env, make_env, tijob, write_checkpoint, write_progress
 
@@ -23,34 +22,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 POLL = 1.0
 
 
-class Hang:
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.conns: list[socket.socket] = []
-        self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                self.conns.append(self.sock.accept()[0])
-            except OSError:
-                pass
-
-    def close(self):
-        self.stop.set()
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def hang():
-    h = Hang()
+    h = SlowEndpoint("hang")
     yield h
     h.close()
 

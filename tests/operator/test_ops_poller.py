@@ -11,73 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from testkit import SlowEndpoint
 
 from tinv.api.storage import Store
-from tinv.operator.poller import PollLimits, StorageReader, Target, endpoint_allowed
+from tinv.operator.poller import PollLimits, StorageReader, Target
+from tinv.operator.policy import endpoint_allowed
 
 CREDS = {"AWS_ACCESS_KEY_ID": "operator", "AWS_SECRET_ACCESS_KEY": "operator-secret"}
 
 
-class Server:
-    """A TCP server on 127.0.0.1: `hang` accepts and never answers; `trickle` answers an S3 GET
-    with a large body, one byte every `delay` seconds."""
-
-    def __init__(self, mode: str, delay: float = 0.5):
-        self.mode, self.delay = mode, delay
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.requests = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.requests += 1
-            self.conns.append(conn)
-            if self.mode == "trickle":
-                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
-            while not self.stop.is_set():
-                conn.sendall(b" ")
-                time.sleep(self.delay)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.stop.set()
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def hang():
-    s = Server("hang")
+    s = SlowEndpoint("hang")
     yield s
     s.close()
 
 
 @pytest.fixture
 def trickle():
-    s = Server("trickle", delay=0.3)
+    s = SlowEndpoint("trickle", delay=0.3)
     yield s
     s.close()
 
