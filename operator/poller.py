@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Iterable
+from typing import Any, Hashable
 
 from tinv.api.storage import (
     PROGRESS_FILE,
@@ -98,6 +97,7 @@ class _Cache:
     progress_stamp: Any = None
     rounds_since_list: int = 0
     listed: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # oversized manifests of the last listing, by name
     last: StorageView | None = None  # the last good view: a failed read keeps showing it, with the error
 
 
@@ -188,6 +188,8 @@ class StorageReader:
                     cache.progress_stamp = stamp
                     cache.rounds_since_list = 0
                 view.checkpoints = list(cache.listed)
+                if cache.refused:
+                    view.error = "; ".join(cache.refused)  # the other checkpoints are listed all the same
             cache.last = view
         except TooLarge as err:
             log.warning("refused an oversized object: %s", err)
@@ -201,6 +203,7 @@ class StorageReader:
     def _list(self, store: Store, root: str, cache: _Cache, get: Any) -> list[dict[str, Any]]:
         backoff = self.limits.incomplete_backoff
         rounds = self.rounds
+        refused: list[str] = []
 
         def read_manifest(uuid: str, uri: str) -> Any:
             tried = cache.incomplete.get(uuid)
@@ -208,6 +211,10 @@ class StorageReader:
                 raise NotFound(uri)  # seen without its manifest recently: not fetched again yet
             try:
                 manifest = get(uri)
+            except TooLarge as err:
+                log.warning("refused an oversized manifest: %s", err)
+                refused.append(str(err))  # tried again at the next listing: refusing costs one HEAD-sized read
+                raise NotFound(uri) from None
             except (NotFound, ValueError):
                 cache.incomplete[uuid] = rounds
                 raise NotFound(uri) from None
@@ -218,6 +225,7 @@ class StorageReader:
             return manifest
 
         found = list_checkpoints(store, root, known=cache.manifests, read=read_manifest)
+        cache.refused = refused
         present = {m["uri"].rstrip("/").rsplit("/", 1)[-1] for m in found} | set(cache.incomplete)
         for gone in set(cache.manifests) - present:
             cache.manifests.pop(gone, None)
@@ -272,6 +280,12 @@ class StorageReader:
             stores, self._stores = list(self._stores.values()), OrderedDict()
         for store in stores:
             _close(store)
+
+
+def not_running(phase: str | None, job: dict[str, Any] | None) -> bool:
+    """A suspended resource, or one whose Job is suspended with no pods (queued in Kueue, or
+    pre-empted): no trainer writes to its storage, so polling it every round is wasted work."""
+    return phase == "Suspended" or bool(job and job.get("suspend") and not job.get("active"))
 
 
 def _stale(cache: _Cache, error: str) -> StorageView:

@@ -17,7 +17,7 @@ from tinv.api.models import GRID_KIND, TIJOB_KIND
 
 from .config import OperatorConfig
 from .metrics import Metrics
-from .poller import StorageReader, Target
+from .poller import StorageReader, Target, not_running
 from .reconciler import Reconciler
 from .registry import Key, Registry
 from .status import TERMINAL, Facts
@@ -45,8 +45,9 @@ class Polling:
             if body is None:
                 continue
             phase = (body.get("status") or {}).get("phase")
-            if phase in TERMINAL:
-                # a couple of final reads catch the last checkpoint and progress after the end
+            if phase in TERMINAL or not_running(phase, self.reg.job(key[1], facts.job_name, (body.get("metadata") or {}).get("uid"))):
+                # a couple of final reads catch the last checkpoint and progress after the end (or
+                # before a suspension / while queued: nothing writes there until pods run again)
                 n = self.reg.final_sweeps.get(key, 0)
                 if n >= 2:
                     continue

@@ -21,6 +21,7 @@ from tinv.api.models import API_VERSION
 
 from .builders import MANAGED_BY
 from .config import OperatorConfig
+from .events import EventRecorder
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
 from .registry import Key, Registry, resource_version
@@ -54,6 +55,8 @@ class StatusWriter:
         self.api_pool = ThreadPoolExecutor(config.status_workers, thread_name_prefix="tinv-status")
         # Events go out on their own small pool, after the status they describe: never ahead of it
         self.event_pool = ThreadPoolExecutor(2, thread_name_prefix="tinv-events")
+        # the same reason on the same resource updates one Event (count, lastTimestamp)
+        self.events = EventRecorder(kube, self.instance, metrics) if kube is not None else None
         registry.on_mark = self.wake
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -140,15 +143,10 @@ class StatusWriter:
                 post_all()
 
     def post_event(self, kind: str, meta: dict[str, Any], type_: str, reason: str, message: str) -> bool:
-        """Post an Event on a resource; False when the apiserver refused it (e.g. its namespace is
-        terminating, where nothing new can be created)."""
-        assert self.kube is not None
-        ns = meta.get("namespace")
-        involved = {
-            "apiVersion": API_VERSION, "kind": kind, "name": meta.get("name"), "namespace": ns, "uid": meta.get("uid"),
-            "resourceVersion": meta.get("resourceVersion"),
-        }
-        return self._event(ns, involved, type_, reason, message)
+        """Post (or aggregate into) an Event on a resource; False when the apiserver refused it (e.g.
+        its namespace is terminating, where nothing new can be created)."""
+        assert self.events is not None
+        return self.events.post(kind, meta, type_, reason, short(message, 1024))
 
     def post_operator_event(self, type_: str, reason: str, message: str) -> bool:
         """An Event on the operator's own pod (`kubectl get events -n <operator namespace>`): where a

@@ -124,3 +124,21 @@ def test_a_normal_stop_hands_over_at_once(ha):
     took = time.monotonic() - t0
     assert took < 10, f"handover after {took:.1f}s (the stop took {stopped:.1f}s)\n{b.logs(40)}"
     assert "released Lease" in b.logs(40)
+
+
+def test_a_leader_that_lost_its_lease_stops_at_once(ha):
+    cp, ns, store, ops = ha
+    a = ops["op-a"]
+    a.start()
+    wait(cp, lambda: holder(cp, ns) == "op-a", 60, "op-a to lead", a)
+    # another replica took the Lease over (say, after a network partition that op-a did not notice)
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cp.kubectl("patch", "lease", "tinv-operator", "-n", ns, "--type=merge", "-p",
+               f'{{"spec": {{"holderIdentity": "intruder", "renewTime": "{now}", "acquireTime": "{now}"}}}}')
+    t0 = time.monotonic()
+    a.proc.wait(20)
+    assert a.proc.returncode == 1 and time.monotonic() - t0 < 10, a.logs(20)  # exits 1: the pod restarts as a candidate
+    assert "lost the leadership" in a.logs(20)
+    assert holder(cp, ns) == "intruder"  # and it did not write the Lease back

@@ -46,8 +46,9 @@ def _operator_env_from_chart(cp, ns: str) -> dict[str, str]:
             secret = cp.get_json("secret", ref["name"], "-n", ns)
             env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         elif "fieldRef" in item.get("valueFrom", {}):
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-            env[item["name"]] = ns
+            field = item["valueFrom"]["fieldRef"]["fieldPath"]
+            assert field in ("metadata.namespace", "metadata.name")
+            env[item["name"]] = ns if field == "metadata.namespace" else "tinv-e2e-0"  # the pod's name (leader identity)
     return env
 
 

@@ -11,73 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from testkit import SlowEndpoint
 
 from tinv.api.storage import Store
-from tinv.operator.poller import PollLimits, StorageReader, Target, endpoint_allowed
+from tinv.operator.poller import PollLimits, StorageReader, Target
+from tinv.operator.policy import endpoint_allowed
 
 CREDS = {"AWS_ACCESS_KEY_ID": "operator", "AWS_SECRET_ACCESS_KEY": "operator-secret"}
 
 
-class Server:
-    """A TCP server on 127.0.0.1: `hang` accepts and never answers; `trickle` answers an S3 GET
-    with a large body, one byte every `delay` seconds."""
-
-    def __init__(self, mode: str, delay: float = 0.5):
-        self.mode, self.delay = mode, delay
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.requests = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.requests += 1
-            self.conns.append(conn)
-            if self.mode == "trickle":
-                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
-            while not self.stop.is_set():
-                conn.sendall(b" ")
-                time.sleep(self.delay)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.stop.set()
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def hang():
-    s = Server("hang")
+    s = SlowEndpoint("hang")
     yield s
     s.close()
 
 
 @pytest.fixture
 def trickle():
-    s = Server("trickle", delay=0.3)
+    s = SlowEndpoint("trickle", delay=0.3)
     yield s
     s.close()
 
@@ -148,6 +104,7 @@ def test_oversized_objects_are_refused_by_name(tmp_path):
     (big / "manifest.json").write_text(json.dumps({"uuid": "big", "step": 3, "pad": "x" * 10_000}))
     view = reader.read(("job", "r"), f"file://{root}", None, checkpoints=True)
     assert view.error and f"{big}/manifest.json" in view.error and "over the limit of 4096 bytes" in view.error
+    assert [c["uuid"] for c in view.checkpoints] == ["ok"]  # the others are listed all the same
     (big / "manifest.json").write_text(json.dumps({"uuid": "big", "step": 3}))
     view = reader.read(("job", "r"), f"file://{root}", None, checkpoints=True, force_list=True)
     assert view.error is None and [c["uuid"] for c in view.checkpoints] == ["ok", "big"]
@@ -194,3 +151,41 @@ def test_client_cache_is_bounded_and_endpoints_allow_listed(tmp_path):
     assert not endpoint_allowed("https://cwobject.com.evil.example", ["cwobject.com"])
     assert endpoint_allowed(None, ["cwobject.com"]) and endpoint_allowed("http://x", [])
     reader.close()
+
+
+def test_suspended_and_queued_resources_are_not_polled():
+    from tinv.operator.poller import not_running
+
+    assert not_running("Suspended", None)
+    assert not_running("Pending", {"suspend": True, "active": 0})  # queued in Kueue, or pre-empted
+    assert not not_running("Pending", {"suspend": True, "active": 1})  # still stopping: its last checkpoint comes
+    assert not not_running("Running", {"suspend": False, "active": 1}) and not not_running("Pending", None)
+
+
+def test_the_controller_stops_polling_a_suspended_resource(tmp_path):
+    from test_operator_controller import B, NS, tijob  # the controller tests' resource and namespace
+
+    from prometheus_client import CollectorRegistry
+
+    from tinv.operator.config import OperatorConfig
+    from tinv.operator.controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, slim
+    from tinv.operator.metrics import Metrics
+    from tinv.operator.status import Facts
+
+    ctl = Controller(OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}"), None, Metrics.create(CollectorRegistry()))
+    try:
+        body = tijob()
+        key = (B.TIJOB, NS, "demo")
+        ctl.indices = {IDX_RESOURCES[B.TIJOB]: {(NS, "demo"): [slim(body)]}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
+        ctl.facts[key] = Facts(kind=B.TIJOB, job_name="demo-train", output_uri=f"file://{tmp_path}/r")
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]
+        assert [k for k, _ in ctl.poll_targets()] == [key]
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": True, "active": 0}]  # queued / suspended
+        rounds = [bool(ctl.poll_targets()) for _ in range(5)]
+        assert rounds == [True, True, False, False, False]  # two last reads, then none
+        ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]  # admitted again
+        assert [k for k, _ in ctl.poll_targets()] == [key]
+    finally:
+        ctl.reader.close()
+        ctl.api_pool.shutdown(wait=False)
+        ctl.event_pool.shutdown(wait=False)

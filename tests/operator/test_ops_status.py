@@ -3,7 +3,7 @@ shards by index, Scheduled cleared after a pre-emption, managedBy passed to the 
 
 from __future__ import annotations
 
-from test_operator_status import SPEC, compute, cond, facts, job, pod, valid
+from test_operator_status import compute, cond, facts, job, pod, valid
 
 from tinv.api.models import ConditionType as C
 from tinv.operator import builders as B
