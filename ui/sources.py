@@ -24,6 +24,9 @@ KINDS = {"TextualInversionJob": "job", "GenerationGrid": "grid"}
 PLURALS = {"job": TextualInversionJob.__crd__.plural, "grid": GenerationGrid.__crd__.plural}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# (connect, read) seconds: pods/log is proxied to the node's kubelet, which may be unreachable
+API_TIMEOUT = (5, 20)
+LOG_TIMEOUT = (3, 8)
 
 
 def snake(key: str) -> str:
@@ -282,7 +285,7 @@ class KubeSource:
         # _preload_content=False: the JSON is parsed once by json.loads, not into model objects
         import json
 
-        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False)
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False, _request_timeout=API_TIMEOUT)
         return json.loads(resp.data).get("items", [])
 
     def runs(self) -> list[Run]:
@@ -329,7 +332,7 @@ class KubeSource:
         if namespace != self.namespace or kind not in PLURALS:
             return None
         try:
-            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, _request_timeout=API_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -373,7 +376,7 @@ class KubeSource:
     def pods(self, run: Run) -> list[Any]:
         if not run.job_name:
             return []
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={run.job_name}").items
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={run.job_name}", _request_timeout=API_TIMEOUT).items
         return sorted(pods, key=lambda p: (p.metadata.creation_timestamp is None, p.metadata.creation_timestamp, p.metadata.name))
 
     def events(self, run: Run) -> list[dict[str, Any]]:
@@ -382,7 +385,7 @@ class KubeSource:
             names.add(run.job_name)
             names.update(p.metadata.name for p in self.pods(run))
         out = []
-        for ev in self.core.list_namespaced_event(self.namespace).items:
+        for ev in self.core.list_namespaced_event(self.namespace, _request_timeout=API_TIMEOUT).items:
             obj = ev.involved_object
             if obj is None or obj.name not in names:
                 continue
@@ -405,7 +408,7 @@ class KubeSource:
         for pod in self.pods(run):
             name = pod.metadata.name
             try:
-                text = self.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail, _preload_content=False).data.decode(errors="replace")
+                text = self.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail, _preload_content=False, _request_timeout=LOG_TIMEOUT).data.decode(errors="replace")
                 out.append(WorkerLog(name, text.splitlines(), phase=pod.status.phase if pod.status else None))
             except ApiException as err:
                 out.append(WorkerLog(name, [], error=f"{err.status} {err.reason}: {_api_message(err)}", phase=pod.status.phase if pod.status else None))
@@ -424,12 +427,17 @@ def _api_message(err: Any) -> str:
 
 
 def kube_source(namespace: str | None, kubeconfig: str | None = None, context: str | None = None, env: dict[str, str] | None = None) -> KubeSource:
-    """A KubeSource from a kubeconfig, or from the pod's ServiceAccount when running in a cluster."""
+    """A KubeSource from a kubeconfig, or from the pod's ServiceAccount when running in a cluster.
+
+    The namespace: --namespace, else the pod's (its ServiceAccount's, or POD_NAMESPACE as the
+    chart sets it), else the kubeconfig context's, else default."""
     import os
 
     from kubernetes import client, config
 
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+    environ = os.environ if env is None else env
+    namespace = namespace or environ.get("POD_NAMESPACE") or None
+    if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST") and not environ.get("KUBECONFIG"):
         config.load_incluster_config()
         if namespace is None:
             namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
@@ -439,6 +447,6 @@ def kube_source(namespace: str | None, kubeconfig: str | None = None, context: s
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
         if namespace is None:
             _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-            namespace = (active.get("context") or {}).get("namespace") or "default"
+            namespace = (active.get("context") or {}).get("namespace")
         api = client.ApiClient(cfg)
-    return KubeSource(namespace or os.environ.get("POD_NAMESPACE") or "default", api, env=env)
+    return KubeSource(namespace or "default", api, env=env)

@@ -148,7 +148,7 @@ def test_grid_page_shows_every_image_with_its_parameters(site, page):
     assert cmd.startswith("tinv reproduce ") and cmd.endswith(" --check") and files[0] in cmd
     params = first.locator("table.params").inner_text()
     assert "guidance_scale" in params and HOSTILE_TOKEN in params
-    assert page.page.locator("#shards tbody tr").count() >= 1
+    assert page.page.locator("#shards table.shards tbody tr").count() >= 1
     assert page.page.locator("#sheets img").count() == 2
     _assert_escaped(page)
     page.screenshot("ui-grid")
