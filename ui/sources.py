@@ -10,6 +10,8 @@ this process's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, see tinv.operator.poll
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tinv.api.models import GROUP, VERSION, GenerationGrid, TextualInversionJob
-from tinv.api.storage import LOCAL_ROOT, PROGRESS_FILE, S3Settings, Store, StorageError, join, local_path, run_root
+from tinv.api.storage import LOCAL_ROOT, PROGRESS_FILE, NotFound, S3Settings, Store, StorageError, join, local_path, run_root
 
 KINDS = {"TextualInversionJob": "job", "GenerationGrid": "grid"}
 PLURALS = {"job": TextualInversionJob.__crd__.plural, "grid": GenerationGrid.__crd__.plural}
@@ -109,9 +111,11 @@ def _phase_of(progress: dict[str, Any]) -> str | None:
 
 
 def _kind_of(folder: Path, progress: dict[str, Any]) -> str:
-    if progress.get("kind") == "GenerationGrid" or "images_total" in progress or (folder / "images").is_dir() or (folder / "shards").is_dir():
+    if progress.get("kind") == "GenerationGrid" or "images_total" in progress:
         return "grid"
-    return "job"
+    if "total_steps" in progress or progress.get("kind") == "TextualInversionJob":
+        return "job"
+    return "grid" if (folder / "images").is_dir() or (folder / "shards").is_dir() else "job"
 
 
 class LocalSource:
@@ -127,6 +131,7 @@ class LocalSource:
         self.env = env
         self.label = f"local: {self.root}" + (f" + {len(self.files)} file(s)" if self.files else "")
         self._stores: dict[tuple[Any, ...], Store] = {}
+        self._progress_cache: dict[str, tuple[tuple[int, int], Any]] = {}
 
     def _from_files(self) -> list[Run]:
         from tinv.api.storage import root_of
@@ -178,17 +183,37 @@ class LocalSource:
         out = [self._fill(r) for r in runs.values()]
         return sorted(out, key=lambda r: (r.namespace, r.name, r.kind))
 
+    def _progress(self, run: Run) -> Any:
+        """progress.json of a run; a local file is parsed again only when its mtime or size changed
+        (the list page reads every run's progress on each refresh)."""
+        uri = join(run.root, PROGRESS_FILE)
+        if "://" in uri and not uri.startswith("file://"):
+            return self.store(run).read_json(uri)
+        path = local_path(uri)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        hit = self._progress_cache.get(str(path))
+        if hit and hit[0] == stamp:
+            return hit[1]
+        value = json.loads(path.read_bytes())
+        self._progress_cache[str(path)] = (stamp, value)
+        return value
+
     def _fill(self, run: Run) -> Run:
         """Phase, progress and newest checkpoint from progress.json (local runs have no status)."""
         if run.root is None or run.problem:
             return run
         try:
-            progress = self.store(run).read_json(join(run.root, PROGRESS_FILE))
-        except StorageError as err:
-            if "no such" not in str(err):
-                run.problem = str(err)
+            progress = self._progress(run)
+        except NotFound:
             progress = None
-        except ValueError:
+        except StorageError as err:
+            run.problem = str(err)
+            progress = None
+        except (OSError, ValueError):
             progress = None  # half-written: next refresh
         if isinstance(progress, dict):
             run.progress = progress
@@ -225,7 +250,7 @@ class LocalSource:
 def _same_root(root: str | None) -> str | None:
     if root is None or "://" in root and not root.startswith("file://"):
         return root
-    return str(local_path(root).resolve())
+    return os.path.abspath(local_path(root))
 
 
 @dataclass
@@ -283,8 +308,6 @@ class KubeSource:
     # -- listing
     def _list(self, kind: str) -> list[dict[str, Any]]:
         # _preload_content=False: the JSON is parsed once by json.loads, not into model objects
-        import json
-
         resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False, _request_timeout=API_TIMEOUT)
         return json.loads(resp.data).get("items", [])
 
@@ -418,8 +441,6 @@ class KubeSource:
 
 
 def _api_message(err: Any) -> str:
-    import json
-
     try:
         return json.loads(err.body).get("message") or ""
     except (TypeError, ValueError):

@@ -297,7 +297,7 @@ def _pages(p: Page, base, ns, s3, bucket, status, gstatus, agent) -> None:
     assert sorted(files) == sorted(i["file"] for i in index["images"]) and len(files) == 8
     assert p.page.eval_on_selector_all("figure.image img", "is => is.filter(i => i.naturalWidth === 64).length") == 8
     assert p.page.locator("#shards table.shards tbody tr").count() == 2, "two shards, two workers"
-    assert f"tinv reproduce s3://{bucket}/" in p.page.inner_text("#gallery")
+    assert f"tinv reproduce s3://{bucket}/" in p.page.text_content("#gallery")
     assert p.page.locator("#logs .worker").count() == 2
     p.screenshot("ui-cluster-grid")
 

@@ -127,3 +127,28 @@ def test_http_surface_escapes_confines_files_and_sets_a_strict_csp(runs_root):
         status, body, _ = _get(base + "/partials/runs?kind=grid")
         assert status == 200 and b"gamma" in body and b"alpha" not in body
         assert _get(base + "/healthz")[1] == b"ok\n"
+
+
+def test_tinv_api_does_not_import_the_ui_stack_and_tinv_ui_is_dispatched():
+    import subprocess
+    import sys
+
+    probe = "import sys, tinv.api.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'plotly', 'jinja2', 'tinv')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "starlette" not in out and "uvicorn" not in out and "plotly" not in out and "tinv.ui" not in out, out
+    top = subprocess.run([sys.executable, "-m", "tinv.api.cli", "--help"], capture_output=True, text=True)
+    assert "  ui " in top.stdout
+    help_ = subprocess.run([sys.executable, "-m", "tinv.api.cli", "ui", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "--kube" in help_.stdout
+
+
+def test_templates_and_static_files_ship_with_the_package():
+    from importlib.resources import files
+
+    pkg = files("tinv.ui")
+    for name in ("templates/base.html", "templates/job.html", "templates/grid.html", "templates/runs.html", "static/app.js", "static/app.css"):
+        assert pkg.joinpath(name).is_file(), name
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["package-data"]["tinv.ui"] == ["templates/*.html", "static/*"]
