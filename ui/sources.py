@@ -284,8 +284,10 @@ def _time(value: Any) -> str | None:
 class KubeSource:
     """One namespace through the Kubernetes API: the two kinds, their Jobs, pods, pods/log, Events.
 
-    Lists are cached for `ttl` seconds so that many browsers polling the runs list cost the
-    apiserver one LIST per kind per interval.
+    The runs list comes from an in-memory copy of both kinds kept current by a LIST + WATCH per
+    kind (`watch()`, what `tinv ui --kube` starts), so a page costs the apiserver nothing however
+    many browsers poll it. Until both watches have listed, or without them, `runs()` LISTs, cached
+    for `ttl` seconds. Detail pages always GET the resource fresh.
     """
 
     cluster = True
@@ -304,21 +306,79 @@ class KubeSource:
         self._lock = threading.Lock()
         self._reader = None
         self._config = None
+        self._watched: dict[str, dict[str, Run]] = {}  # kind -> name -> Run, for kinds whose watch has listed
+        self._sorted: list[Run] | None = None
+        self._stop = threading.Event()
+        self.watch_errors: list[str] = []
 
     # -- listing
-    def _list(self, kind: str) -> list[dict[str, Any]]:
+    def _list_raw(self, kind: str) -> dict[str, Any]:
         # _preload_content=False: the JSON is parsed once by json.loads, not into model objects
         resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False, _request_timeout=API_TIMEOUT)
-        return json.loads(resp.data).get("items", [])
+        return json.loads(resp.data)
 
     def runs(self) -> list[Run]:
         with self._lock:
+            if len(self._watched) == len(PLURALS):
+                if self._sorted is None:
+                    self._sorted = sorted((r for by in self._watched.values() for r in by.values()), key=lambda r: (r.namespace, r.name, r.kind))
+                return self._sorted
             if self._cache and time.monotonic() - self._cache[0] < self.ttl:
                 return self._cache[1]
-            runs = [self._run(kind, obj) for kind in ("job", "grid") for obj in self._list(kind)]
-            runs.sort(key=lambda r: (r.namespace, r.name, r.kind))
+        runs = [self._run(kind, obj) for kind in PLURALS for obj in self._list_raw(kind).get("items", [])]
+        runs.sort(key=lambda r: (r.namespace, r.name, r.kind))
+        with self._lock:
             self._cache = (time.monotonic(), runs)
-            return runs
+        return runs
+
+    def watch(self) -> "KubeSource":
+        """Start one LIST + WATCH thread per kind; they run until `close()`."""
+        for kind in PLURALS:
+            threading.Thread(target=self._watch_loop, args=(kind,), name=f"tinv-ui-watch-{kind}", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    @property
+    def synced(self) -> bool:
+        """Whether both kinds are served from the watches (not by LIST)."""
+        with self._lock:
+            return len(self._watched) == len(PLURALS)
+
+    def _watch_loop(self, kind: str) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            try:
+                listed = self._list_raw(kind)
+                version = listed["metadata"]["resourceVersion"]
+                by_name = {obj["metadata"]["name"]: self._run(kind, obj) for obj in listed.get("items", [])}
+                with self._lock:
+                    self._watched[kind], self._sorted = by_name, None
+                w = watch.Watch()
+                for event in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURALS[kind],
+                                      resource_version=version, allow_watch_bookmarks=True, timeout_seconds=240):
+                    if self._stop.is_set():
+                        w.stop()
+                        return
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: the version is too old; list again
+                    if event["type"] != "BOOKMARK":
+                        name = obj["metadata"]["name"]
+                        with self._lock:
+                            if event["type"] == "DELETED":
+                                by_name.pop(name, None)
+                            else:
+                                by_name[name] = self._run(kind, obj)
+                            self._sorted = None
+            except Exception as err:  # noqa: BLE001 - the apiserver went away: fall back to LIST and retry
+                with self._lock:
+                    self._watched.pop(kind, None)
+                    self.watch_errors.append(f"{kind}: {type(err).__name__}: {err}")
+                    del self.watch_errors[:-20]
+                self._stop.wait(2.0)
 
     def _run(self, kind: str, obj: dict[str, Any]) -> Run:
         md = obj.get("metadata") or {}
@@ -470,4 +530,4 @@ def kube_source(namespace: str | None, kubeconfig: str | None = None, context: s
             _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             namespace = (active.get("context") or {}).get("namespace")
         api = client.ApiClient(cfg)
-    return KubeSource(namespace or "default", api, env=env)
+    return KubeSource(namespace or "default", api, env=env).watch()
