@@ -425,6 +425,8 @@ class KubeSource:
         if run.root is None and run.storage.get("uri"):
             md = obj["metadata"]
             run.root = run_root(run.storage["uri"], md.get("namespace"), md.get("name"), md.get("uid"))
+        if run.root and run.root.startswith("pvc://"):
+            problem = problem or f"{run.root}: the UI cannot read pvc:// storage (the claim is mounted only in the run's pods); Kubernetes status, Events and logs still show"
         run.problem = run.problem or problem
         return run
 

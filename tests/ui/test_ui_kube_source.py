@@ -68,6 +68,13 @@ def test_watch_follows_creates_status_and_deletes_with_the_ui_account(control_pl
         assert source.events(detail) == [] and source.logs(detail, 10) == []
         assert source.run("job", ns, "nope") is None and source.run("job", "other-namespace", "watched") is None
 
+        # pvc:// storage is mounted only in the run's pods: the run says so instead of showing nothing
+        pvc = {**job, "metadata": {"name": "on-a-claim"}, "spec": {**job["spec"], "storage": {"uri": "pvc://team-claim/runs"}}}
+        cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(pvc))
+        on_claim = source.run("job", ns, "on-a-claim")
+        assert on_claim.root.startswith("pvc://team-claim/runs/") and "cannot read pvc://" in on_claim.problem
+        cp.kubectl("delete", "tijob", "on-a-claim", "-n", ns)
+
         cp.kubectl("delete", "tijob", "watched", "-n", ns)
         _until(lambda: source.runs() == [], "the delete")
         assert not source.watch_errors, source.watch_errors
