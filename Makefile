@@ -50,6 +50,7 @@ demo: setup
 	@echo "demo done: checkpoints  ->  .venv/bin/tinv checkpoints examples/tiny-job.yaml"
 	@echo "           gallery      ->  tinv-runs/default/tiny-det-logo-grid-local/images/index.html"
 	@echo "           TensorBoard  ->  .venv/bin/tensorboard --logdir tinv-runs"
+	@echo "           web UI       ->  .venv/bin/tinv ui examples/tiny-job.yaml examples/tiny-grid.yaml   (then open http://127.0.0.1:8765/)"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info tinv-runs

@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from tinv.api.storage import NotFound, StorageError
+from tinv.api.storage import MANIFEST_FILE, NotFound, StorageError
 
 from . import views as V
 from .sources import Run, Source
@@ -82,6 +82,8 @@ class UI:
     def job_view(self, run: Run) -> StorageView:
         if not run.root:
             return StorageView(problem=run.problem or "no run root yet (the operator has not accepted this job)")
+        if run.root.startswith("pvc://") and run.problem:
+            return StorageView(problem=run.problem)
         view = read_job(self.source.store(run), run.root, self.tb)
         view.problem = view.problem or run.problem
         return view
@@ -162,9 +164,13 @@ class UI:
 
     def validation_image(self, request: Request) -> Response:
         run = self.get_run("job", request)
-        view = self.job_view(run)
-        tag = f"validation/{request.path_params['index']}"
-        png = view.scalars.images.get(tag, {}).get(int(request.path_params["step"]))
+        if not run.root:
+            raise HTTPException(404, "no such validation image")
+        try:  # only the TensorBoard cache: a page of thumbnails must not re-read every manifest
+            scalars = self.tb.get(self.source.store(run), run.root, final=run.phase in ("Succeeded", "Failed"))
+        except (StorageError, OSError) as err:
+            raise HTTPException(502, str(err)) from None
+        png = scalars.images.get(f"validation/{request.path_params['index']}", {}).get(int(request.path_params["step"]))
         if png is None:
             raise HTTPException(404, "no such validation image")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -174,9 +180,13 @@ class UI:
         uuid, name = request.path_params["uuid"], request.path_params["file"]
         if not (SAFE_SEGMENT.match(uuid) and SAFE_SEGMENT.match(name)) or not run.root:
             raise HTTPException(404, "no such file")
-        view = self.job_view(run)
-        manifest = next((m for m in view.checkpoints if m.get("uuid") == uuid), None)
-        if manifest is None or name not in (manifest.get("files") or {}):
+        try:  # only files the checkpoint's manifest lists (a complete checkpoint's own files)
+            manifest = self.source.store(run).read_json(checkpoint_file_uri(run.root, uuid, MANIFEST_FILE))
+        except NotFound:
+            raise HTTPException(404, f"no complete checkpoint {uuid}") from None
+        except (StorageError, ValueError) as err:
+            raise HTTPException(502, str(err)) from None
+        if name == MANIFEST_FILE or name not in (manifest.get("files") or {}):
             raise HTTPException(404, f"checkpoint {uuid} has no file {name}")
         return self._read(run, checkpoint_file_uri(run.root, uuid, name), "application/octet-stream",
                           {"Content-Disposition": f'attachment; filename="{uuid[:8]}-{name}"'})
@@ -193,11 +203,13 @@ class UI:
     # ------------------------------------------------------------------ grid
     def grid_page(self, request: Request) -> Response:
         run = self.get_run("grid", request)
-        if run.root:
+        if not run.root:
+            view = StorageView(problem=run.problem or "no run root yet (the operator has not accepted this grid)")
+        elif run.root.startswith("pvc://") and run.problem:
+            view = StorageView(problem=run.problem)
+        else:
             view = read_grid(self.source.store(run), run.root)
             view.problem = view.problem or run.problem
-        else:
-            view = StorageView(problem=run.problem or "no run root yet (the operator has not accepted this grid)")
         events, logs, cluster_error = [], [], None
         if self.source.cluster:
             try:

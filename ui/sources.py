@@ -10,6 +10,8 @@ this process's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, see tinv.operator.poll
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
 import time
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tinv.api.models import GROUP, VERSION, GenerationGrid, TextualInversionJob
-from tinv.api.storage import LOCAL_ROOT, PROGRESS_FILE, S3Settings, Store, StorageError, join, local_path, run_root
+from tinv.api.storage import LOCAL_ROOT, PROGRESS_FILE, NotFound, S3Settings, Store, StorageError, join, local_path, run_root
 
 KINDS = {"TextualInversionJob": "job", "GenerationGrid": "grid"}
 PLURALS = {"job": TextualInversionJob.__crd__.plural, "grid": GenerationGrid.__crd__.plural}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# (connect, read) seconds: pods/log is proxied to the node's kubelet, which may be unreachable
+API_TIMEOUT = (5, 20)
+LOG_TIMEOUT = (3, 8)
 
 
 def snake(key: str) -> str:
@@ -106,9 +111,11 @@ def _phase_of(progress: dict[str, Any]) -> str | None:
 
 
 def _kind_of(folder: Path, progress: dict[str, Any]) -> str:
-    if progress.get("kind") == "GenerationGrid" or "images_total" in progress or (folder / "images").is_dir() or (folder / "shards").is_dir():
+    if progress.get("kind") == "GenerationGrid" or "images_total" in progress:
         return "grid"
-    return "job"
+    if "total_steps" in progress or progress.get("kind") == "TextualInversionJob":
+        return "job"
+    return "grid" if (folder / "images").is_dir() or (folder / "shards").is_dir() else "job"
 
 
 class LocalSource:
@@ -124,6 +131,7 @@ class LocalSource:
         self.env = env
         self.label = f"local: {self.root}" + (f" + {len(self.files)} file(s)" if self.files else "")
         self._stores: dict[tuple[Any, ...], Store] = {}
+        self._progress_cache: dict[str, tuple[tuple[int, int], Any]] = {}
 
     def _from_files(self) -> list[Run]:
         from tinv.api.storage import root_of
@@ -175,17 +183,37 @@ class LocalSource:
         out = [self._fill(r) for r in runs.values()]
         return sorted(out, key=lambda r: (r.namespace, r.name, r.kind))
 
+    def _progress(self, run: Run) -> Any:
+        """progress.json of a run; a local file is parsed again only when its mtime or size changed
+        (the list page reads every run's progress on each refresh)."""
+        uri = join(run.root, PROGRESS_FILE)
+        if "://" in uri and not uri.startswith("file://"):
+            return self.store(run).read_json(uri)
+        path = local_path(uri)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        hit = self._progress_cache.get(str(path))
+        if hit and hit[0] == stamp:
+            return hit[1]
+        value = json.loads(path.read_bytes())
+        self._progress_cache[str(path)] = (stamp, value)
+        return value
+
     def _fill(self, run: Run) -> Run:
         """Phase, progress and newest checkpoint from progress.json (local runs have no status)."""
         if run.root is None or run.problem:
             return run
         try:
-            progress = self.store(run).read_json(join(run.root, PROGRESS_FILE))
-        except StorageError as err:
-            if "no such" not in str(err):
-                run.problem = str(err)
+            progress = self._progress(run)
+        except NotFound:
             progress = None
-        except ValueError:
+        except StorageError as err:
+            run.problem = str(err)
+            progress = None
+        except (OSError, ValueError):
             progress = None  # half-written: next refresh
         if isinstance(progress, dict):
             run.progress = progress
@@ -222,7 +250,7 @@ class LocalSource:
 def _same_root(root: str | None) -> str | None:
     if root is None or "://" in root and not root.startswith("file://"):
         return root
-    return str(local_path(root).resolve())
+    return os.path.abspath(local_path(root))
 
 
 @dataclass
@@ -256,8 +284,10 @@ def _time(value: Any) -> str | None:
 class KubeSource:
     """One namespace through the Kubernetes API: the two kinds, their Jobs, pods, pods/log, Events.
 
-    Lists are cached for `ttl` seconds so that many browsers polling the runs list cost the
-    apiserver one LIST per kind per interval.
+    The runs list comes from an in-memory copy of both kinds kept current by a LIST + WATCH per
+    kind (`watch()`, what `tinv ui --kube` starts), so a page costs the apiserver nothing however
+    many browsers poll it. Until both watches have listed, or without them, `runs()` LISTs, cached
+    for `ttl` seconds. Detail pages always GET the resource fresh.
     """
 
     cluster = True
@@ -276,23 +306,79 @@ class KubeSource:
         self._lock = threading.Lock()
         self._reader = None
         self._config = None
+        self._watched: dict[str, dict[str, Run]] = {}  # kind -> name -> Run, for kinds whose watch has listed
+        self._sorted: list[Run] | None = None
+        self._stop = threading.Event()
+        self.watch_errors: list[str] = []
 
     # -- listing
-    def _list(self, kind: str) -> list[dict[str, Any]]:
+    def _list_raw(self, kind: str) -> dict[str, Any]:
         # _preload_content=False: the JSON is parsed once by json.loads, not into model objects
-        import json
-
-        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False)
-        return json.loads(resp.data).get("items", [])
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], _preload_content=False, _request_timeout=API_TIMEOUT)
+        return json.loads(resp.data)
 
     def runs(self) -> list[Run]:
         with self._lock:
+            if len(self._watched) == len(PLURALS):
+                if self._sorted is None:
+                    self._sorted = sorted((r for by in self._watched.values() for r in by.values()), key=lambda r: (r.namespace, r.name, r.kind))
+                return self._sorted
             if self._cache and time.monotonic() - self._cache[0] < self.ttl:
                 return self._cache[1]
-            runs = [self._run(kind, obj) for kind in ("job", "grid") for obj in self._list(kind)]
-            runs.sort(key=lambda r: (r.namespace, r.name, r.kind))
+        runs = [self._run(kind, obj) for kind in PLURALS for obj in self._list_raw(kind).get("items", [])]
+        runs.sort(key=lambda r: (r.namespace, r.name, r.kind))
+        with self._lock:
             self._cache = (time.monotonic(), runs)
-            return runs
+        return runs
+
+    def watch(self) -> "KubeSource":
+        """Start one LIST + WATCH thread per kind; they run until `close()`."""
+        for kind in PLURALS:
+            threading.Thread(target=self._watch_loop, args=(kind,), name=f"tinv-ui-watch-{kind}", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    @property
+    def synced(self) -> bool:
+        """Whether both kinds are served from the watches (not by LIST)."""
+        with self._lock:
+            return len(self._watched) == len(PLURALS)
+
+    def _watch_loop(self, kind: str) -> None:
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            try:
+                listed = self._list_raw(kind)
+                version = listed["metadata"]["resourceVersion"]
+                by_name = {obj["metadata"]["name"]: self._run(kind, obj) for obj in listed.get("items", [])}
+                with self._lock:
+                    self._watched[kind], self._sorted = by_name, None
+                w = watch.Watch()
+                for event in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURALS[kind],
+                                      resource_version=version, allow_watch_bookmarks=True, timeout_seconds=240):
+                    if self._stop.is_set():
+                        w.stop()
+                        return
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: the version is too old; list again
+                    if event["type"] != "BOOKMARK":
+                        name = obj["metadata"]["name"]
+                        with self._lock:
+                            if event["type"] == "DELETED":
+                                by_name.pop(name, None)
+                            else:
+                                by_name[name] = self._run(kind, obj)
+                            self._sorted = None
+            except Exception as err:  # noqa: BLE001 - the apiserver went away: fall back to LIST and retry
+                with self._lock:
+                    self._watched.pop(kind, None)
+                    self.watch_errors.append(f"{kind}: {type(err).__name__}: {err}")
+                    del self.watch_errors[:-20]
+                self._stop.wait(2.0)
 
     def _run(self, kind: str, obj: dict[str, Any]) -> Run:
         md = obj.get("metadata") or {}
@@ -329,7 +415,7 @@ class KubeSource:
         if namespace != self.namespace or kind not in PLURALS:
             return None
         try:
-            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name, _request_timeout=API_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -339,6 +425,8 @@ class KubeSource:
         if run.root is None and run.storage.get("uri"):
             md = obj["metadata"]
             run.root = run_root(run.storage["uri"], md.get("namespace"), md.get("name"), md.get("uid"))
+        if run.root and run.root.startswith("pvc://"):
+            problem = problem or f"{run.root}: the UI cannot read pvc:// storage (the claim is mounted only in the run's pods); Kubernetes status, Events and logs still show"
         run.problem = run.problem or problem
         return run
 
@@ -373,7 +461,7 @@ class KubeSource:
     def pods(self, run: Run) -> list[Any]:
         if not run.job_name:
             return []
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={run.job_name}").items
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={run.job_name}", _request_timeout=API_TIMEOUT).items
         return sorted(pods, key=lambda p: (p.metadata.creation_timestamp is None, p.metadata.creation_timestamp, p.metadata.name))
 
     def events(self, run: Run) -> list[dict[str, Any]]:
@@ -382,7 +470,7 @@ class KubeSource:
             names.add(run.job_name)
             names.update(p.metadata.name for p in self.pods(run))
         out = []
-        for ev in self.core.list_namespaced_event(self.namespace).items:
+        for ev in self.core.list_namespaced_event(self.namespace, _request_timeout=API_TIMEOUT).items:
             obj = ev.involved_object
             if obj is None or obj.name not in names:
                 continue
@@ -405,7 +493,7 @@ class KubeSource:
         for pod in self.pods(run):
             name = pod.metadata.name
             try:
-                text = self.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail, _preload_content=False).data.decode(errors="replace")
+                text = self.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail, _preload_content=False, _request_timeout=LOG_TIMEOUT).data.decode(errors="replace")
                 out.append(WorkerLog(name, text.splitlines(), phase=pod.status.phase if pod.status else None))
             except ApiException as err:
                 out.append(WorkerLog(name, [], error=f"{err.status} {err.reason}: {_api_message(err)}", phase=pod.status.phase if pod.status else None))
@@ -415,8 +503,6 @@ class KubeSource:
 
 
 def _api_message(err: Any) -> str:
-    import json
-
     try:
         return json.loads(err.body).get("message") or ""
     except (TypeError, ValueError):
@@ -424,12 +510,17 @@ def _api_message(err: Any) -> str:
 
 
 def kube_source(namespace: str | None, kubeconfig: str | None = None, context: str | None = None, env: dict[str, str] | None = None) -> KubeSource:
-    """A KubeSource from a kubeconfig, or from the pod's ServiceAccount when running in a cluster."""
+    """A KubeSource from a kubeconfig, or from the pod's ServiceAccount when running in a cluster.
+
+    The namespace: --namespace, else the pod's (its ServiceAccount's, or POD_NAMESPACE as the
+    chart sets it), else the kubeconfig context's, else default."""
     import os
 
     from kubernetes import client, config
 
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+    environ = os.environ if env is None else env
+    namespace = namespace or environ.get("POD_NAMESPACE") or None
+    if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST") and not environ.get("KUBECONFIG"):
         config.load_incluster_config()
         if namespace is None:
             namespace = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
@@ -439,6 +530,6 @@ def kube_source(namespace: str | None, kubeconfig: str | None = None, context: s
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
         if namespace is None:
             _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-            namespace = (active.get("context") or {}).get("namespace") or "default"
+            namespace = (active.get("context") or {}).get("namespace")
         api = client.ApiClient(cfg)
-    return KubeSource(namespace or os.environ.get("POD_NAMESPACE") or "default", api, env=env)
+    return KubeSource(namespace or "default", api, env=env).watch()

@@ -148,17 +148,33 @@ def test_grid_page_shows_every_image_with_its_parameters(site, page):
     assert cmd.startswith("tinv reproduce ") and cmd.endswith(" --check") and files[0] in cmd
     params = first.locator("table.params").inner_text()
     assert "guidance_scale" in params and HOSTILE_TOKEN in params
-    assert page.page.locator("#shards tbody tr").count() >= 1
+    assert page.page.locator("#shards table.shards tbody tr").count() >= 1
     assert page.page.locator("#sheets img").count() == 2
     _assert_escaped(page)
     page.screenshot("ui-grid")
 
 
-def test_compare_draws_one_curve_per_job(site, page, tmp_path):
-    page.goto(f"/compare?run=default/{JOB_NAME}")
-    page.wait_js("document.getElementById('compare-chart').data !== undefined")
-    assert page.page.evaluate("document.getElementById('compare-chart').data.length") == 1
-    assert page.page.locator("input[name=run]:checked").count() == 1
+def test_compare_draws_one_curve_per_job(site, page):
+    """Two jobs' loss curves on one chart: the real run, and a copy of its folder under another name."""
+    import shutil
+
+    copy = site["root"] / "default" / "ui-det-logo-copy-local"
+    shutil.copytree(site["job_root"], copy)
+    progress = json.loads((copy / "progress.json").read_text())
+    progress["job"]["name"] = "ui-det-logo-copy"
+    (copy / "progress.json").write_text(json.dumps(progress))
+    try:
+        page.goto("/compare")
+        page.page.check(f"input[name=run][value='default/{JOB_NAME}']")
+        page.page.check("input[name=run][value='default/ui-det-logo-copy']")
+        page.page.click("form.pick button[type=submit]")
+        page.page.wait_for_load_state("networkidle")
+        page.wait_js("document.getElementById('compare-chart').data !== undefined")
+        traces = page.page.evaluate("document.getElementById('compare-chart').data.map(t => [t.name, t.x.length])")
+        assert sorted(traces) == sorted([[JOB_NAME, STEPS], ["ui-det-logo-copy", STEPS]])
+        page.screenshot("ui-compare")
+    finally:
+        shutil.rmtree(copy)
 
 
 def test_unreachable_storage_is_a_message_on_that_run(site, tmp_path):
