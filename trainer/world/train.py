@@ -44,6 +44,7 @@ FULL_STEPS = {"clip": 300, "vae": 2000, "evaluator": 800, "unet": 4000}
 BUDGET_SHARE = {"clip": 0.05, "vae": 0.21, "evaluator": 0.09, "unet": 0.65}
 BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
 POOL = 12000  # scenes whose latents the UNet trains on
+VAE_LR = 1.5e-3
 
 
 @dataclass
@@ -181,7 +182,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     g = _gen(cfg, "vae")
     torch.manual_seed(g.initial_seed())
     vae = nets.vae(cfg.sizes)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     total, b, crop = cfg.steps["vae"], cfg.batch["vae"], cfg.vae_crop
     t0, step = time.monotonic(), 0
     vae.train()
@@ -200,7 +201,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
         for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, 1e-3)
+            pg["lr"] = _lr(step, total, VAE_LR)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
