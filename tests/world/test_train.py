@@ -9,7 +9,7 @@ import pytest
 
 from tinv.trainer.world import cli, weights
 
-MICRO_STEPS = "clip=3,vae=3,evaluator=3,unet=4"
+MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def test_a_micro_run_writes_a_folder_stable_diffusion_loads(micro_run):
     assert b.vae.config.scaling_factor != 1.0  # measured from the data by the VAE stage
     m = json.loads((micro_run / "manifest.json").read_text())
     assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4
-    assert "--steps clip=3,vae=3,evaluator=3,unet=4" in m["reproduce"]
+    # The VAE stage had its reconstructions read by the evaluator (the gate that ends it).
+    assert m["stages"]["vae"]["checks"] and set(m["stages"]["vae"]["checks"][0]["reconstructed"]) >= {"what", "colour", "background"}
+    assert "--steps clip=3,evaluator=3,vae=3,unet=4" in m["reproduce"]
     assert set(m["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
