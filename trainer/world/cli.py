@@ -64,7 +64,7 @@ def cmd_evaluate(a: argparse.Namespace, argv: list[str]) -> int:
     from . import evaluate
 
     root = Path(a.model)
-    rows = evaluate.report(root, n=a.n, seed=a.seed, steps=a.steps)
+    rows = evaluate.report(root, n=a.n, seed=a.seed, steps=a.steps, per_pair=a.per_pair, seen=a.seen)
     for r in rows:
         print(json.dumps(r))
     return 0
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--n", type=int, default=96, help="images per prompt")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
+    e.add_argument("--per-pair", type=int, default=2, help="held-out prompts per held-out shape/colour pair (backgrounds)")
+    e.add_argument("--seen", type=int, default=6, help="prompts with seen combinations (the control)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return {"train": cmd_train, "install": cmd_install, "evaluate": cmd_evaluate}[a.cmd](a, argv)
