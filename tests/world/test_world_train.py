@@ -9,7 +9,7 @@ import pytest
 
 from tinv.trainer.world import cli, weights
 
-MICRO_STEPS = "clip=3,vae=3,evaluator=3,unet=4"
+MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,9 @@ def test_a_micro_run_writes_a_folder_stable_diffusion_loads(micro_run):
     assert b.vae.config.scaling_factor != 1.0  # measured from the data by the VAE stage
     m = json.loads((micro_run / "manifest.json").read_text())
     assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4
-    assert "--steps clip=3,vae=3,evaluator=3,unet=4" in m["reproduce"]
+    # The VAE stage had its reconstructions read by the evaluator (the gate that ends it).
+    assert m["stages"]["vae"]["checks"] and set(m["stages"]["vae"]["checks"][0]["reconstructed"]) >= {"what", "colour", "background"}
+    assert "--steps clip=3,evaluator=3,vae=3,unet=4" in m["reproduce"]
     assert set(m["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
@@ -58,3 +60,25 @@ def test_install_writes_a_manifest_the_check_accepts(micro_run, tmp_path):
     f = dest / "model" / "unet" / "config.json"
     f.write_text(f.read_text() + " ")
     assert weights.mismatches(dest) == ["model/unet/config.json: digest differs"]
+
+
+@pytest.mark.slow
+def test_the_evaluation_and_the_quality_measurement_run_on_a_trained_folder(micro_run):
+    from tinv.trainer.world import evaluate, quality, scenes
+
+    rows = evaluate.report(micro_run, n=2, steps=2, per_pair=1, seen=1)
+    acc = rows[0]["evaluator"]
+    assert set(acc) == {"fresh", "reconstructed"} and all(0 <= v <= 1 for v in acc["fresh"].values())
+    summaries = [r for r in rows if "summary" in r]
+    assert [r["set"] for r in summaries] == ["held-out", "seen"] and summaries[0]["prompts"] == 5
+    ev = evaluate.load_evaluator(micro_run)
+    m = quality.measure(scenes.concept("det-logo"), str(micro_run / "model"), ev, quality.Recipe(steps=2, images=2), n=2, contexts=False)
+    assert set(m["fidelity"]) == {"learned", "initializer", "real", "real_vs_other_concepts", "fraction"}
+    assert list(m["per_prompt"]) == ["a det-logo"]
+
+
+def test_fraction_of_the_way_from_baseline_to_ceiling():
+    from tinv.trainer.world.quality import fraction
+
+    assert fraction(0.5, 0.2, 0.8) == 0.5
+    assert fraction(0.5, 0.8, 0.8) is None  # no gap: the concept does not count

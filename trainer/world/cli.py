@@ -28,17 +28,18 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     out = Path(a.out)
     cfg = train.Config(out=out, seed=a.seed, steps=a.steps, budget_minutes=a.budget_minutes,
                        sizes=nets.MICRO if a.micro else nets.FULL)
+    cfg.threads = a.threads
     if a.pool:
         cfg.pool = a.pool
     if a.micro:
-        cfg.pool, cfg.batch, cfg.checkpoint_every = 64, {k: 4 for k in cfg.batch}, 10**9
+        cfg.pool, cfg.batch, cfg.checkpoint_every, cfg.vae_check_every = 64, {k: 4 for k in cfg.batch}, 10**9, 2
     t0 = time.time()
     records = train.train(cfg)
     shutil.copy2(cfg.stage_dir("evaluator") / "evaluator.safetensors", out / "evaluator.safetensors")
     manifest = {
         "command": "python -m tinv.trainer.world " + shlex.join(argv),
-        "reproduce": "python -m tinv.trainer.world train OUT --seed {} --steps {}{}".format(
-            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), " --micro" if a.micro else ""),
+        "reproduce": "python -m tinv.trainer.world train OUT --seed {} --steps {} --pool {} --threads {}{}".format(
+            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), cfg.pool, a.threads, " --micro" if a.micro else ""),
         "seed": a.seed,
         "sizes": cfg.sizes.as_dict(),
         "pool": cfg.pool,
@@ -46,7 +47,7 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
         "stages": records,
         "wall_seconds_this_invocation": round(time.time() - t0, 1),
         "versions": weights.versions(),
-        "threads": 1,
+        "threads": a.threads,
     }
     (out / weights.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(json.dumps({"out": str(out), "stages": records}))
@@ -63,7 +64,7 @@ def cmd_evaluate(a: argparse.Namespace, argv: list[str]) -> int:
     from . import evaluate
 
     root = Path(a.model)
-    rows = evaluate.report(root, n=a.n, seed=a.seed, steps=a.steps)
+    rows = evaluate.report(root, n=a.n, seed=a.seed, steps=a.steps, per_pair=a.per_pair, seen=a.seen)
     for r in rows:
         print(json.dumps(r))
     return 0
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap over all stages (default: none)")
     t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
-                   help="steps per stage, e.g. clip=300,vae=2000,evaluator=800,unet=4000 (the default)")
+                   help="steps per stage, e.g. clip=300,vae=6000,evaluator=1500,unet=5500 (the default)")
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")
     t.add_argument("--micro", action="store_true", help="a micro model and pool (tests: seconds)")
     i = sub.add_parser("install", help="copy a finished run into the package's weights/ with its manifest")
     i.add_argument("run")
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--n", type=int, default=96, help="images per prompt")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
+    e.add_argument("--per-pair", type=int, default=2, help="held-out prompts per held-out shape/colour pair (backgrounds)")
+    e.add_argument("--seen", type=int, default=6, help="prompts with seen combinations (the control)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return {"train": cmd_train, "install": cmd_install, "evaluate": cmd_evaluate}[a.cmd](a, argv)

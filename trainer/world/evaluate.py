@@ -168,13 +168,13 @@ def summarise(rows: list[dict]) -> dict[str, float]:
     return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
 
 
-def report(root: Path, n: int = 96, seed: int = 0, steps: int = 20) -> list[dict]:
+def report(root: Path, n: int = 96, seed: int = 0, steps: int = 20, per_pair: int = 2, seen: int = 6) -> list[dict]:
     """JSON rows: evaluator accuracy, then prompt following on held-out and on seen combinations."""
     torch.set_num_threads(1)
     ev = load_evaluator(root)
     pipe = load_pipeline(root / "model")
-    rows: list[dict] = [{"evaluator": evaluator_accuracy(ev, pipe.vae)}]
-    for name, targets in (("held-out", held_out_targets()), ("seen", seen_targets())):
+    rows: list[dict] = [{"evaluator": evaluator_accuracy(ev, pipe.vae), "scenes": 1000}]
+    for name, targets in (("held-out", held_out_targets(per_pair)), ("seen", seen_targets(seen))):
         pf = prompt_following(pipe, ev, targets, n, seed, steps)
         rows += [{"set": name, **r} for r in pf]
         rows.append({"set": name, "summary": summarise(pf), "prompts": len(pf), "images_per_prompt": n, "steps": steps, "guidance": GUIDANCE})

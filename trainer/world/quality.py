@@ -181,8 +181,9 @@ def fraction(value: float | None, base: float | None, ceiling: float | None) -> 
 
 
 def measure(c: scenes.Concept, model: str, ev, recipe: Recipe, n: int = 96, seed: int = 0, workdir: Path | None = None,
-            train_fn=None) -> dict:
-    """One concept under one recipe: learned, initializer baseline and real ceiling, in one run."""
+            train_fn=None, contexts: bool = True) -> dict:
+    """One concept under one recipe: learned, initializer baseline and real ceiling, in one run.
+    ``contexts=False`` renders the concept alone only (the quick learning test)."""
     from tinv.trainer.pipeline import ConceptPipeline
 
     with tempfile.TemporaryDirectory(prefix=f"tinv-quality-{c.name}-") as tmp:
@@ -191,11 +192,13 @@ def measure(c: scenes.Concept, model: str, ev, recipe: Recipe, n: int = 96, seed
         real_feats = evaluate.features(ev, c.images(seed + 1, n))  # scoring references: not the training images
         learned_pipe = ConceptPipeline.load(model, [uri], device="cpu", precision="fp32")
         base_pipe = ConceptPipeline.load(model, device="cpu", precision="fp32")
-        p_learned = prompts_for(c, c.name)
-        p_init = prompts_for(c, recipe.initializer or c.initializer)
+        k = None if contexts else 1
+        p_learned = prompts_for(c, c.name)[:k]
+        p_init = prompts_for(c, recipe.initializer or c.initializer)[:k]
         learned = score(ev, render(learned_pipe, p_learned, n), real_feats, c, p_learned, n)
         base = score(ev, render(base_pipe, p_init, n), real_feats, c, p_init, n)
-        plain = score(ev, render(base_pipe, plain_context_prompts(c), n), real_feats, c, plain_context_prompts(c), n)
+        p_plain = plain_context_prompts(c) if contexts else []
+        plain = score(ev, render(base_pipe, p_plain, n), real_feats, c, p_plain, n) if p_plain else Figures(0.0, None, None)
         ceiling, other = real_figures(ev, c, real_feats, n)
     return {
         "concept": c.name,

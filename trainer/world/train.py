@@ -7,9 +7,12 @@ run cut short keeps what it finished and a rerun resumes at the first unfinished
    contrastively on (scene, caption) pairs. Its text encoder is then frozen and conditions the UNet,
    so the UNet gets informative text from its first step (the prototype's jointly trained encoder
    left the text ignored for 14 minutes).
-2. ``vae``: ``AutoencoderKL`` on the world's images (L1 + MSE + a tiny KL), then its latent scale.
-3. ``evaluator``: a classifier of what is drawn (shape or mark), colour, background and style,
-   trained on fresh scenes and on their VAE reconstructions (it must read both).
+2. ``evaluator``: a classifier of what is drawn (shape or mark), colour, background and style,
+   trained on fresh scenes, half of them slightly blurred and noisy (as reconstructions are).
+3. ``vae``: ``AutoencoderKL`` on the world's images (L1 + MSE + a tiny KL) *until its
+   reconstructions keep every attribute*: every ``vae_check_every`` steps the evaluator reads 256
+   fresh scenes through it, and the stage ends once each head is right ``vae_target`` (98 %) of
+   the time (at most ``--steps vae=N``); then the latent scale is measured.
 4. ``unet``: ``UNet2DConditionModel`` on cached latents of a fixed pool of scenes, epsilon
    prediction with min-SNR-5 loss weights, 10 % empty captions (classifier-free guidance), an EMA
    of the weights; the diffusers folder ``OUT/model`` is rewritten at every checkpoint.
@@ -33,17 +36,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ImageFilter
 
 from . import nets, scenes
 
 log = logging.getLogger("tinv.world")
 
-STAGES = ("clip", "vae", "evaluator", "unet")
+STAGES = ("clip", "evaluator", "vae", "unet")
 # Steps of a full run (about 2 hours on 2 free cores) and each stage's share of a wall budget.
-FULL_STEPS = {"clip": 300, "vae": 2000, "evaluator": 800, "unet": 4000}
-BUDGET_SHARE = {"clip": 0.05, "vae": 0.21, "evaluator": 0.09, "unet": 0.65}
+# Sized from step times measured on one free core (clip 1.2 s, vae 0.25 s on 32 px crops,
+# evaluator 0.6 s, unet 0.7 s a step): about 110 minutes.
+FULL_STEPS = {"clip": 300, "evaluator": 1500, "vae": 6000, "unet": 5500}
+BUDGET_SHARE = {"clip": 0.05, "evaluator": 0.09, "vae": 0.26, "unet": 0.60}
 BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
 POOL = 12000  # scenes whose latents the UNet trains on
+VAE_LR = 1.5e-3
 
 
 @dataclass
@@ -57,6 +64,9 @@ class Config:
     batch: dict[str, int] = field(default_factory=lambda: dict(BATCH))
     checkpoint_every: int = 250
     vae_crop: int = 32  # VAE training crops (px); the full 64 px scene costs 4x as much
+    threads: int = 1  # torch threads; results are reproducible for a given count
+    vae_check_every: int = 250  # VAE steps between checks of its reconstructions by the evaluator
+    vae_target: float = 0.98  # the VAE stage ends once the evaluator reads every attribute this well
 
     def stage_dir(self, name: str) -> Path:
         return self.out / "stages" / name
@@ -174,14 +184,16 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     return _mark_done(cfg, "clip", steps, time.monotonic() - t0)
 
 
-# ---- 2. VAE ---------------------------------------------------------------------------------------
+# ---- 3. VAE ---------------------------------------------------------------------------------------
 
 
 def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     g = _gen(cfg, "vae")
     torch.manual_seed(g.initial_seed())
     vae = nets.vae(cfg.sizes)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ev = load_evaluator(cfg)
+    checks: list[dict] = []
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     total, b, crop = cfg.steps["vae"], cfg.batch["vae"], cfg.vae_crop
     t0, step = time.monotonic(), 0
     vae.train()
@@ -200,12 +212,22 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
         for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, 1e-3)
+            pg["lr"] = _lr(step, total, VAE_LR)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 10 == 0:
             _log(cfg, stage="vae", step=step, loss=round(loss.item(), 4), l1=round(l1.item(), 4))
+        if (step + 1) % cfg.vae_check_every == 0:
+            from .evaluate import evaluator_accuracy
+
+            vae.eval()
+            acc = evaluator_accuracy(ev, vae, n=256, seed=cfg.seed * 1000 + 999)["reconstructed"]
+            vae.train()
+            checks.append({"step": step + 1, "reconstructed": acc})
+            _log(cfg, stage="vae", check=step + 1, reconstructed=acc)
+            if min(acc.values()) >= cfg.vae_target:
+                break
     steps = step + 1 if total else 0
     vae.eval()
     # SD's trick: scale latents to unit variance (SD 1.x's 0.18215), measured on the pool.
@@ -215,7 +237,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     vae.register_to_config(scaling_factor=scale)
     d = cfg.stage_dir("vae")
     vae.save_pretrained(d / "vae")
-    return _mark_done(cfg, "vae", steps, time.monotonic() - t0, scaling_factor=round(scale, 5))
+    return _mark_done(cfg, "vae", steps, time.monotonic() - t0, scaling_factor=round(scale, 5), checks=checks)
 
 
 def load_vae(cfg: Config):
@@ -231,19 +253,26 @@ def load_vae(cfg: Config):
     return vae.eval()
 
 
+def load_evaluator(cfg: Config) -> nets.ImageNet:
+    from safetensors.torch import load_file
+
+    ev = nets.evaluator(cfg.sizes)
+    ev.load_state_dict(load_file(str(cfg.stage_dir("evaluator") / "evaluator.safetensors")))
+    return ev.eval()
+
+
 def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
 
 
-# ---- 3. evaluator ---------------------------------------------------------------------------------
+# ---- 2. evaluator ---------------------------------------------------------------------------------
 
 
 def stage_evaluator(cfg: Config, budget: Budget) -> dict:
     g = _gen(cfg, "evaluator")
     torch.manual_seed(g.initial_seed())
     ev = nets.evaluator(cfg.sizes)
-    vae = load_vae(cfg)
     opt = torch.optim.AdamW(ev.parameters(), lr=2e-3, weight_decay=0.01)
     total, b = cfg.steps["evaluator"], cfg.batch["evaluator"]
     t0, step = time.monotonic(), 0
@@ -251,11 +280,14 @@ def stage_evaluator(cfg: Config, budget: Budget) -> dict:
     for step in range(total):
         if budget.over():
             break
-        # Fresh scenes every step (never the UNet's pool), half of them through the VAE.
+        # Fresh scenes every step (never the UNet's pool); half of them softened as a VAE softens
+        # them (blur up to 1 px: the blurry style's is 2 px, so the two stay apart).
         batch = [scenes.sample_scene(_rng(cfg, "evaluator", step * b + i)) for i in range(b)]
-        x = nets.to_tensor(scenes.render_array(batch))
-        h = b // 2
-        x = torch.cat([x[:h], reconstruct(vae, x[h:])])
+        imgs = [scenes.render(s) for s in batch]
+        rng = _rng(cfg, "evaluator-aug", step)
+        imgs = imgs[: b // 2] + [im.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0))) for im in imgs[b // 2 :]]
+        x = nets.to_tensor(np.stack([np.asarray(im) for im in imgs]))
+        x[b // 2 :] += 0.03 * torch.randn(x[b // 2 :].shape, generator=g)
         y = nets.labels(batch)
         out = ev(x)
         loss = sum(F.cross_entropy(out[k], y[k], ignore_index=-100) for k in out)
@@ -384,7 +416,8 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
 
 def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     """Run the stages not yet done; return the per-stage records."""
-    torch.set_num_threads(1)  # deterministic, and on a shared 2-core machine one thread is fastest
+    # On a shared 2-core machine one thread is fastest (two threads measured up to 12x slower).
+    torch.set_num_threads(cfg.threads)
     cfg.out.mkdir(parents=True, exist_ok=True)
     pool_scenes, pool_arr = _pool(cfg)
     records = {}
