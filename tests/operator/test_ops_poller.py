@@ -179,13 +179,12 @@ def test_the_controller_stops_polling_a_suspended_resource(tmp_path):
         ctl.indices = {IDX_RESOURCES[B.TIJOB]: {(NS, "demo"): [slim(body)]}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
         ctl.facts[key] = Facts(kind=B.TIJOB, job_name="demo-train", output_uri=f"file://{tmp_path}/r")
         ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]
-        assert [k for k, _ in ctl.poll_targets()] == [key]
+        assert [k for k, _ in ctl.polling.targets()] == [key]
         ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": True, "active": 0}]  # queued / suspended
-        rounds = [bool(ctl.poll_targets()) for _ in range(5)]
+        rounds = [bool(ctl.polling.targets()) for _ in range(5)]
         assert rounds == [True, True, False, False, False]  # two last reads, then none
         ctl.indices[IDX_JOBS][(NS, "demo-train")] = [{"name": "demo-train", "suspend": False, "active": 1}]  # admitted again
-        assert [k for k, _ in ctl.poll_targets()] == [key]
+        assert [k for k, _ in ctl.polling.targets()] == [key]
     finally:
         ctl.reader.close()
-        ctl.api_pool.shutdown(wait=False)
-        ctl.event_pool.shutdown(wait=False)
+        ctl.status.shutdown()
