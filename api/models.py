@@ -170,7 +170,7 @@ class StorageCredentials(Model):
 
 
 class Storage(Model):
-    """Where checkpoints, progress and images are written (see the storage layout in DESIGN.md)."""
+    """Where checkpoints, progress and images are written (see the storage layout in docs/architecture.md)."""
 
     uri: str | None = Field(
         default=None,

@@ -1,6 +1,6 @@
 """The storage contract: where each resource's outputs live, and a small client for them.
 
-Layout (DESIGN.md), below a resource's run root `<storage.uri>/<namespace>/<name>-<uid8>/`:
+Layout (docs/architecture.md), below a resource's run root `<storage.uri>/<namespace>/<name>-<uid8>/`:
 
     progress.json                              rewritten atomically while the workload runs
     checkpoints/<uuid>/learned_embeds.safetensors   diffusers-loadable, one key per token

@@ -175,7 +175,7 @@ class Kube:
 
     def metadata(self, path: str) -> dict[str, Any]:
         """GET an object as PartialObjectMetadata: its metadata only, never its data. This is how the
-        operator checks that a Secret exists without reading it (DESIGN.md: it never reads Secrets)."""
+        operator checks that a Secret exists without reading it (docs/architecture.md: it never reads Secrets)."""
         return self.request("GET", path, accept=METADATA_ONLY)
 
     def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
