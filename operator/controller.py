@@ -35,6 +35,7 @@ from tinv.api.storage import run_root
 from tinv.api.validation import validate_document
 
 from . import builders as B
+from . import kueue as K
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
@@ -60,6 +61,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 IDX_RESOURCES = {B.TIJOB: "tinv_tijobs", B.GRID: "tinv_grids"}
 IDX_JOBS = "tinv_jobs"
 IDX_PODS = "tinv_pods"
+IDX_WORKLOADS = "tinv_kueue_workloads"  # Kueue Workloads of queued Jobs, by (namespace, job name)
 
 
 class Retry(Exception):
@@ -197,6 +199,10 @@ class Controller:
         pods = _all(self.indices.get(IDX_PODS), (ns, job_name))
         return [p for p in pods if not uid or p.get("ownerUid") in (None, uid)]
 
+    def workload(self, ns: str, job_name: str) -> dict[str, Any] | None:
+        """The Kueue Workload view (kueue.workload_view) of a queued Job; None without one or without Kueue."""
+        return _one(self.indices.get(IDX_WORKLOADS), (ns, job_name))
+
     def mark(self, key: Key) -> None:
         """Recompute this resource's status soon (thread-safe)."""
         with self._lock:
@@ -224,6 +230,34 @@ class Controller:
         key = self._owner_of(ns, job_name)
         if key is not None:
             self.mark(key)
+
+    def on_workload(self, ns: str, job_name: str, workload: dict[str, Any]) -> None:
+        """A Kueue Workload changed: refresh the status, and finish a suspend/resume that waited for
+        Kueue (e.g. a Workload that did not exist yet when the user suspended)."""
+        key = self._owner_of(ns, job_name)
+        if key is None:
+            return
+        self.mark(key)
+        facts, body, job = self.facts.get(key), self.resource(key), self.job(ns, job_name)
+        if facts is None or not facts.queue or body is None or job is None:
+            return
+        suspend = bool(((body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+        if not K.plan(facts.queue, suspend, job, workload) or self._loop is None:
+            return
+        queue, loop = facts.queue, self._loop
+
+        def follow() -> None:  # with this view: kopf stores it in the index only after this callback
+            try:
+                self._follow_kueue(ns, queue, suspend, job, workload)
+            except Retry:
+                pass
+            except Exception as err:  # noqa: BLE001 - the next reconcile or Workload event retries
+                log.warning("%s %s/%s: following Kueue failed: %s", *key, err)
+
+        try:
+            loop.call_soon_threadsafe(lambda: loop.run_in_executor(self.api_pool, follow))
+        except RuntimeError:
+            pass
 
     def _owner_of(self, ns: str, job_name: str) -> Key | None:
         return self.job_owner.get((ns, job_name))
@@ -401,15 +435,11 @@ class Controller:
                 self.created_jobs.pop((ns, job["name"]), None)
             raise Retry(f"spec changed while suspended: replacing Job {job['name']}", 2)
         want = bool(model.spec.run_policy.suspend)
-        suspended_by_us = any(c.get("type") == C.SUSPENDED and c.get("status") == "True" for c in status.get("conditions") or [])
         patch: dict[str, Any] = {}
-        if not model.spec.resources.queue_name:
-            if job.get("suspend") != want:
-                patch["suspend"] = want
-        elif want and not job.get("suspend"):
-            patch["suspend"] = True
-        elif not want and job.get("suspend") and suspended_by_us:
-            patch["suspend"] = False  # Kueue re-suspends it if the queue has no room
+        if model.spec.resources.queue_name:
+            self._follow_kueue(ns, model.spec.resources.queue_name, want, job)  # Kueue owns spec.suspend
+        elif job.get("suspend") != want:
+            patch["suspend"] = want
         notice = None
         if patch:
             self.kube.merge_patch(path, {"spec": patch})
@@ -430,6 +460,20 @@ class Controller:
                 "and the workload continues from the newest checkpoint",
             )
         return notice
+
+    def _follow_kueue(self, ns: str, queue: str, suspend: bool, job: dict[str, Any],
+                      workload: dict[str, Any] | None = None) -> None:
+        """Suspend/resume a queued Job the way Kueue wants (operator/kueue.py): through its Workload's
+        spec.active, or by handing a Job created suspended to Kueue; never by writing spec.suspend."""
+        assert self.kube is not None
+        workload = workload or self.workload(ns, job["name"])
+        plan = K.plan(queue, suspend, job, workload)
+        if plan.job:
+            self.kube.merge_patch(path_for("Job", ns, job["name"]), plan.job)
+        if plan.workload and workload is not None:
+            self.kube.merge_patch(K.workload_path(ns, workload["name"]), plan.workload)
+        if plan.waiting:
+            raise Retry(plan.waiting, 2)
 
     def _schedule_reconcile(self, key: Key) -> None:
         """Re-run reconcile outside kopf (a grid whose job changed, a vanished Job)."""
@@ -478,6 +522,7 @@ class Controller:
         new = compute_status(
             kind=key[0], old=old, generation=meta.get("generation"), spec=body.get("spec") or {}, facts=facts,
             job=job, pods=pods, storage=self.storage.get(key), now=now or now_rfc3339(),
+            kueue_workload=self.workload(key[1], facts.job_name) if job and facts.queue else None,
         )
         return body, old, new
 

@@ -19,6 +19,7 @@ from tinv.api.models import ConditionType as C
 from tinv.api.models import Reason as R
 from tinv.api.storage import join
 
+from . import kueue as K
 from .builders import GPU_RESOURCE, GRID, TIJOB
 
 
@@ -81,6 +82,7 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "completions": spec.get("completions"),
         "specHash": (meta.get("annotations") or {}).get("tinv.io/spec-hash"),
         "ownerUid": (meta.get("labels") or {}).get("tinv.io/owner-uid"),
+        "queue": (meta.get("labels") or {}).get(K.QUEUE_LABEL),  # set: Kueue owns spec.suspend
         "backoffLimit": spec.get("backoffLimit"),
         "backoffLimitPerIndex": spec.get("backoffLimitPerIndex"),
         "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
@@ -406,8 +408,10 @@ def compute_status(
     pods: list[dict[str, Any]],
     storage: StorageView | None,
     now: str,
+    kueue_workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole status of a resource from what was observed. `old` is the current status."""
+    """The whole status of a resource from what was observed. `old` is the current status;
+    ``kueue_workload`` is the Kueue Workload view (kueue.workload_view) of a queued Job."""
     old = dict(old or {})
     conds = Conditions(old.get("conditions"), generation, now)
     st: dict[str, Any] = {}
@@ -546,8 +550,10 @@ def compute_status(
         conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
     elif job.get("suspend"):
         phase = "Pending"
-        msg = f"waiting for Kueue to admit the Job in queue {facts.queue}"
-        conds.set(C.RUNNING, False, QUEUED, msg)
+        reason, msg = K.waiting_message(kueue_workload, facts.queue or "")  # Kueue hook: pending or pre-empted
+        conds.set(C.RUNNING, False, reason, msg)
+        if reason == R.PREEMPTED:
+            conds.set(C.SCHEDULED, False, reason, msg)
     else:
         if conds.is_true(C.SUSPENDED):
             latest = (st.get("latestCheckpoint") or {}).get("uuid")
@@ -593,6 +599,9 @@ def compute_status(
                     conds.set(C.RUNNING, False, RETRYING, msg)
             else:
                 conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {facts.job_name} created; waiting for its pods")
+    if facts.queue and job.get("queue"):  # Kueue hook: the Workload's admission, mirrored (operator/kueue.py)
+        for type_, cstatus, reason, msg in K.mirrored_conditions(kueue_workload, facts.queue):
+            conds.set(type_, cstatus, reason, msg)
     st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
     return _overlay_storage(st, conds, storage, kind)
 

@@ -61,4 +61,8 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Kueue: queued Jobs are suspended/resumed through their Workload's spec.active (never spec.suspend)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end -}}
