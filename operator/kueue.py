@@ -95,7 +95,7 @@ class Plan:
 def plan(queue_name: str, suspend: bool, job: dict[str, Any], workload: dict[str, Any] | None) -> Plan:
     """Follow ``suspend`` for the queued Job ``job`` (status.job_view) whose Workload view is ``workload``
     (None: Kueue has not made it yet, or the Job is not labelled for Kueue)."""
-    labelled = bool(job.get("queue"))
+    labelled = bool(job.get("queue"))  # Kueue manages the Job (the label may be Kueue's own default)
     if workload is not None and workload.get("jobUid") not in (None, job.get("uid")):
         workload = None  # the Workload of an earlier Job of the same name
     if suspend:
@@ -104,12 +104,14 @@ def plan(queue_name: str, suspend: bool, job: dict[str, Any], workload: dict[str
         if labelled and workload is None and not job.get("suspend"):
             return Plan(waiting="the Job runs under Kueue but its Workload is not known yet; deactivating it when it is")
         return Plan()
-    if not labelled:
-        # created while suspended (no label): hand the still-suspended Job to Kueue now
-        return Plan(job={"metadata": {"labels": {QUEUE_LABEL: queue_name}}})
+    out = Plan()
+    if job.get("queue") != queue_name and job.get("suspend"):
+        # created while suspended (no label, or the label Kueue defaults to its "default" LocalQueue):
+        # hand the still-suspended Job to Kueue in the resource's queue now
+        out.job = {"metadata": {"labels": {QUEUE_LABEL: queue_name}}}
     if workload is not None and not workload["active"]:
-        return Plan(workload={"spec": {"active": True}})
-    return Plan()
+        out.workload = {"spec": {"active": True}}
+    return out
 
 
 # --------------------------------------------------------------------------- status

@@ -93,6 +93,14 @@ def test_resume_of_a_job_created_suspended_hands_it_to_kueue():
     assert not p.workload
 
 
+def test_resume_moves_a_job_kueue_defaulted_to_its_default_queue():
+    # LocalQueueDefaulting (GA in Kueue 0.17): a Job created without the label in a namespace with a
+    # LocalQueue "default" gets queue-name: default; its Workload was deactivated while suspended
+    p = K.plan("lq", False, job(queue="default", suspend=True), wl(active=False))
+    assert p.job == {"metadata": {"labels": {K.QUEUE_LABEL: "lq"}}} and p.workload == {"spec": {"active": True}}
+    assert K.plan("lq", True, job(queue="default", suspend=False), wl()).workload == {"spec": {"active": False}}
+
+
 def test_pending_or_admitted_job_needs_nothing():
     assert not K.plan("lq", False, job(suspend=True), wl(conditions=PENDING))
     assert not K.plan("lq", False, job(suspend=False), wl(conditions=ADMITTED, cluster_queue="cq"))
