@@ -20,7 +20,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[operator,trainer,dev]'
+	$(PY) -m pip install -q -e '.[operator,trainer,ui,dev]'
 	touch $@
 
 # Real control-plane and object-store binaries, built once from the Go module proxy into a cache.

@@ -26,6 +26,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "generate": ("tinv.trainer.cli", "trainer", "render a GenerationGrid, or one shard of it (--shard i/n)"),
     "reproduce": ("tinv.trainer.cli", "trainer", "re-render one grid image from the parameters in its PNG metadata"),
     "operator": ("tinv.operator.main", "operator", "run the kopf operator for one or more namespaces"),
+    "ui": ("tinv.ui.cli", "ui", "serve the read-only web UI: local runs, or a cluster namespace with --kube"),
 }
 LOCAL_HELP = {
     "validate": "check resources offline, exactly as the apiserver would (schema + CEL rules)",

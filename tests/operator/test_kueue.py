@@ -139,9 +139,9 @@ def test_preemption_is_told_until_admitted_again():
 # --------------------------------------------------------------------------- the status hook
 
 
-def _status(workload, j, spec_suspend=False) -> dict:
+def _status(workload, j, spec_suspend=False, old=None) -> dict:
     facts = S.Facts(kind=TIJOB, job_name="demo-train", generation=1, queue="lq", workers=1)
-    return S.compute_status(kind=TIJOB, old=None, generation=1, spec={"runPolicy": {"suspend": spec_suspend}}, facts=facts,
+    return S.compute_status(kind=TIJOB, old=old, generation=1, spec={"runPolicy": {"suspend": spec_suspend}}, facts=facts,
                             job=j, pods=[], storage=None, now="2026-01-01T00:00:00Z", kueue_workload=workload)
 
 
@@ -158,7 +158,9 @@ def test_status_of_a_pending_workload():
 
 def test_status_of_a_preempted_workload():
     evicted = [("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority workload")]
-    st = _status(wl(conditions=evicted), job(suspend=True))
+    was_running = {"phase": "Running", "conditions": [{"type": C.SCHEDULED, "status": "True", "reason": R.PODS_SCHEDULED,
+                                                       "message": "1/1 pod(s) running on a100-ord1-0"}]}
+    st = _status(wl(conditions=evicted), job(suspend=True), old=was_running)
     assert st["phase"] == "Pending" and _cond(st, C.RUNNING)["reason"] == R.PREEMPTED
     assert _cond(st, C.SCHEDULED)["status"] == "False"
 
