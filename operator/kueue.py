@@ -35,10 +35,8 @@ QUOTA_RESERVED = C.QUOTA_RESERVED  # tinv mirrors these two under Kueue's own ty
 ADMITTED = C.ADMITTED
 EVICTED = "Evicted"
 PREEMPTED = "Preempted"
-FINISHED = "Finished"
 REASON_PENDING = "Pending"
 REASON_PREEMPTED = "Preempted"
-REASON_DEACTIVATED = "Deactivated"
 #: The Workload conditions mirrored on the resource (same type names as Kueue's).
 MIRRORED = (QUOTA_RESERVED, ADMITTED)
 
