@@ -244,7 +244,10 @@ class ConditionType:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
-    ALL = (ACCEPTED, WAITING, SCHEDULED, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+    # queued resources (spec.resources.queueName): mirrored from the Kueue Workload of the child Job
+    QUOTA_RESERVED = "QuotaReserved"
+    ADMITTED = "Admitted"
+    ALL = (ACCEPTED, WAITING, SCHEDULED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, QUOTA_RESERVED, ADMITTED)
 
 
 class Reason:
@@ -269,6 +272,7 @@ class Reason:
     SUSPENDED_BY_USER = "SuspendedByUser"
     RESUMED = "Resumed"
     QUEUED = "Queued"
+    PREEMPTED = "Preempted"  # Kueue evicted the Workload for a higher-priority one
     RESOLVED = "Resolved"
     SPEC_CHANGE_PENDING = "SpecChangePending"
     STARTING = "Starting"

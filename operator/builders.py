@@ -21,6 +21,7 @@ import yaml
 from tinv.api.models import API_VERSION, GRID_KIND, PLURALS, RESOURCES, TIJOB_KIND, Annotation, ExitCode, Model
 from tinv.api.storage import pvc_claims
 
+from . import kueue as K
 from .config import OperatorConfig
 
 # kinds, plurals, annotation keys and exit codes are tinv.api's; the short names are re-exported here
@@ -38,7 +39,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_KIND = "tinv.io/kind"
 LABEL_OWNER_UID = "tinv.io/owner-uid"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_QUEUE = K.QUEUE_LABEL
 ANNOTATION_SPEC_HASH = Annotation.SPEC_HASH
 ANNOTATION_GENERATION = Annotation.RESOURCE_GENERATION
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -500,8 +501,7 @@ def build_job(kind: str, eff: Effective, config: OperatorConfig) -> dict[str, An
     indexed = kind == GRID or r.workers > 1
     annotations = {ANNOTATION_SPEC_HASH: eff.spec_hash, ANNOTATION_GENERATION: str(model.metadata.generation or 0)}
     meta = _meta(kind, model, annotations=annotations)
-    if r.queue_name:
-        meta["labels"][LABEL_QUEUE] = r.queue_name
+    meta["labels"].update(K.queue_label(r.queue_name, bool(rp.suspend)))  # Kueue hook: see operator/kueue.py
     job_spec: dict[str, Any] = {
         "completions": r.workers,
         "parallelism": r.workers,

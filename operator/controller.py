@@ -26,11 +26,12 @@ from .metrics import Metrics
 from .poller import PollLimits, StorageReader
 from .polling import Polling
 from .reconciler import GaveUp, Invalid, Reconciler, Retry
-from .registry import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Key, Registry, slim
+from .registry import IDX_JOBS, IDX_PODS, IDX_RESOURCES, IDX_WORKLOADS, Key, Registry, slim
 from .status import Facts
 from .statuswriter import StatusWriter, now_rfc3339
 
-__all__ = ["Controller", "GaveUp", "IDX_JOBS", "IDX_PODS", "IDX_RESOURCES", "Invalid", "Key", "Retry", "now_rfc3339", "slim"]
+__all__ = ["Controller", "GaveUp", "IDX_JOBS", "IDX_PODS", "IDX_RESOURCES", "IDX_WORKLOADS", "Invalid", "Key", "Retry",
+           "now_rfc3339", "slim"]
 
 
 class Controller:
@@ -133,6 +134,14 @@ class Controller:
         key = self.registry.owner_of(ns, job_name)
         if key is not None:
             self.registry.mark(key)
+
+    def on_workload(self, ns: str, job_name: str, workload: dict[str, Any]) -> None:
+        """A Kueue Workload of a queued Job changed (operator/kueue.py): refresh the status, and finish
+        a suspend/resume that waited for Kueue."""
+        key = self.registry.owner_of(ns, job_name)
+        if key is not None:
+            self.registry.mark(key)
+            self.reconciler.follow_kueue_soon(key, workload)
 
     def on_job_deleted(self, ns: str, job_name: str) -> None:
         """A Job is gone: reconcile its owner now (it decides; a recorded Job is never re-created)."""

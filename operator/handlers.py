@@ -29,8 +29,9 @@ from tinv.api.models import GROUP, PLURALS, VERSION
 from tinv.api.models import Reason as R
 
 from . import builders as B
+from . import kueue as K
 from .config import OperatorConfig
-from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, GaveUp, Invalid, Retry, slim
+from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, IDX_WORKLOADS, Controller, GaveUp, Invalid, Retry, slim
 from .kube import ApiError
 from .status import job_view, pod_view, short
 
@@ -75,7 +76,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     @on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         configure_settings(settings, config)
-        indices = {k: kwargs[k] for k in (IDX_JOBS, IDX_PODS, *IDX_RESOURCES.values()) if k in kwargs}
+        indices = {k: kwargs[k] for k in (IDX_JOBS, IDX_PODS, IDX_WORKLOADS, *IDX_RESOURCES.values()) if k in kwargs}
         await controller.start(indices)
         log.info("tinv operator watching namespaces %s", ", ".join(config.namespaces))
 
@@ -97,6 +98,16 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
             return None
         controller.on_child(namespace, job)
         return {(namespace, job): pod_view(body)}
+
+    # Kueue hook: the Workloads of queued Jobs (operator/kueue.py); not served where Kueue's CRDs are absent
+    @kopf.index(K.GROUP, K.VERSION, K.WORKLOADS, id=IDX_WORKLOADS, registry=registry)
+    async def kueue_workloads(namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        job = K.owner_job(body)
+        if not job:
+            return None
+        view = K.workload_view(body)
+        controller.on_workload(namespace, job, view)
+        return {(namespace, job): view}
 
     @on.event("batch", "v1", "jobs", labels=SELECTOR, registry=registry)
     async def job_deleted(type: str, name: str, namespace: str, **_: Any) -> None:

@@ -34,6 +34,7 @@ from tinv.api.storage import PROGRESS_FILE, StorageError, join, run_root
 from tinv.api.validation import validate_document
 
 from . import builders as B
+from . import kueue as K
 from . import policy
 from .config import OperatorConfig
 from .kube import ApiError, Kube, path_for
@@ -328,15 +329,11 @@ class Reconciler:
             self.reg.forget_created(ns, job["name"])
             raise Retry(f"spec changed while suspended: replacing Job {job['name']}", 2)
         want = bool(model.spec.run_policy.suspend)
-        suspended_by_us = any(c.get("type") == C.SUSPENDED and c.get("status") == "True" for c in status.get("conditions") or [])
         patch: dict[str, Any] = {}
-        if not model.spec.resources.queue_name:
-            if job.get("suspend") != want:
-                patch["suspend"] = want
-        elif want and not job.get("suspend"):
-            patch["suspend"] = True
-        elif not want and job.get("suspend") and suspended_by_us:
-            patch["suspend"] = False  # Kueue re-suspends it if the queue has no room
+        if model.spec.resources.queue_name:
+            self.follow_kueue(ns, model.spec.resources.queue_name, want, job)  # Kueue owns spec.suspend
+        elif job.get("suspend") != want:
+            patch["suspend"] = want
         notice = None
         if patch:
             self.kube.merge_patch(path, {"spec": patch})
@@ -425,6 +422,46 @@ class Reconciler:
         """Storage was read after the job ended (the final reads of the poller), or cannot be read."""
         view = self.reg.storage.get(jkey)
         return self.reg.final_sweeps.get(jkey, 0) >= 2 or bool(view and view.unsupported)
+
+    # ------------------------------------------------------------------ Kueue
+    def follow_kueue(self, ns: str, queue: str, suspend: bool, job: dict[str, Any],
+                     workload: dict[str, Any] | None = None) -> None:
+        """Suspend/resume a queued Job the way Kueue wants (operator/kueue.py): through its Workload's
+        spec.active, or by handing a Job created suspended to Kueue; never by writing spec.suspend."""
+        assert self.kube is not None
+        workload = workload or self.reg.workload(ns, job["name"])
+        plan = K.plan(queue, suspend, job, workload)
+        if plan.job:
+            self.kube.merge_patch(path_for("Job", ns, job["name"]), plan.job)
+        if plan.workload and workload is not None:
+            self.kube.merge_patch(K.workload_path(ns, workload["name"]), plan.workload)
+        if plan.waiting:
+            raise Retry(plan.waiting, 2)
+
+    def follow_kueue_soon(self, key: Key, workload: dict[str, Any]) -> None:
+        """A Workload changed: finish a suspend/resume that waited for Kueue (e.g. a Workload that did not
+        exist yet when the user suspended), with this view (kopf indexes it only after the callback)."""
+        facts, body = self.reg.facts.get(key), self.reg.resource(key)
+        job = self.reg.job(key[1], facts.job_name) if facts else None
+        if facts is None or not facts.queue or body is None or job is None or self.loop is None:
+            return
+        suspend = bool(((body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+        if not K.plan(facts.queue, suspend, job, workload):
+            return
+        queue, loop = facts.queue, self.loop
+
+        def follow() -> None:
+            try:
+                self.follow_kueue(key[1], queue, suspend, job, workload)
+            except Retry:
+                pass
+            except Exception as err:  # noqa: BLE001 - the next reconcile or Workload event retries
+                log.warning("%s %s/%s: following Kueue failed: %s", *key, err)
+
+        try:
+            loop.call_soon_threadsafe(lambda: loop.run_in_executor(self.pool, follow))
+        except RuntimeError:
+            pass
 
     # ------------------------------------------------------------------ outside kopf
     def schedule(self, key: Key) -> None:

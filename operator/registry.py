@@ -24,6 +24,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name)
 IDX_RESOURCES = {"TextualInversionJob": "tinv_tijobs", "GenerationGrid": "tinv_grids"}
 IDX_JOBS = "tinv_jobs"
 IDX_PODS = "tinv_pods"
+IDX_WORKLOADS = "tinv_kueue_workloads"  # Kueue Workloads of queued Jobs, by (namespace, job name)
 
 FINISHED = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
 
@@ -127,6 +128,10 @@ class Registry:
     def pods(self, ns: str, job_name: str, uid: str | None = None) -> list[dict[str, Any]]:
         pods = _all(self.indices.get(IDX_PODS), (ns, job_name))
         return [p for p in pods if not uid or p.get("ownerUid") in (None, uid)]
+
+    def workload(self, ns: str, job_name: str) -> dict[str, Any] | None:
+        """The Kueue Workload view (kueue.workload_view) of a queued Job; None without one or without Kueue."""
+        return _one(self.indices.get(IDX_WORKLOADS), (ns, job_name))
 
     def status_of(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         """The freshest status: our last write when the watch has not shown it yet."""

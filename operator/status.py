@@ -24,6 +24,7 @@ from tinv.api.models import Annotation, GenerationGridStatus, TextualInversionJo
 from tinv.api.models import Reason as R
 from tinv.api.storage import join
 
+from . import kueue as K
 from .builders import COMPLETION_INDEX_ANNOTATION, GPU_RESOURCE, LABEL_OWNER_UID
 from .workers import worker_status
 
@@ -92,6 +93,7 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "specHash": (meta.get("annotations") or {}).get(Annotation.SPEC_HASH),
         "generation": (meta.get("annotations") or {}).get(Annotation.RESOURCE_GENERATION),
         "ownerUid": (meta.get("labels") or {}).get(LABEL_OWNER_UID),
+        "queue": (meta.get("labels") or {}).get(K.QUEUE_LABEL),  # set: Kueue owns spec.suspend
         "backoffLimit": spec.get("backoffLimit"),
         "backoffLimitPerIndex": spec.get("backoffLimitPerIndex"),
         "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
@@ -435,6 +437,7 @@ class Observed:
     st: dict[str, Any]
     prior: str  # the phase before this computation (after lifting an operator-made failure)
     term: dict[str, Any] | None  # the newest container termination of the pods
+    kueue_workload: dict[str, Any] | None = None  # the Kueue Workload view of a queued Job (kueue.workload_view)
 
     @property
     def progress(self) -> dict[str, Any]:
@@ -456,8 +459,10 @@ def compute_status(
     pods: list[dict[str, Any]],
     storage: StorageView | None,
     now: str,
+    kueue_workload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole status of a resource from what was observed. `old` is the current status.
+    """The whole status of a resource from what was observed. `old` is the current status;
+    `kueue_workload` is the Kueue Workload view (kueue.workload_view) of a queued Job.
 
     A short dispatcher: `_observe` gathers what every case shares (workload, progress,
     checkpoints, the Accepted condition), `_case` names the situation, and one function per case
@@ -467,8 +472,10 @@ def compute_status(
     """
     reconciled = facts.generation if facts.generation is not None else generation
     o = _observe(kind, dict(old or {}), reconciled, spec, facts, job, pods, storage, now)
+    o.kueue_workload = kueue_workload
     case = _case(o)
     phase = CASES[case](o)
+    _kueue_admission(o)
     o.st.update(phase=phase, conditions=o.conds.to_list(), observedGeneration=reconciled)
     _overlay_storage(o)
     return clamp_status(kind, o.st, o.old)
@@ -711,11 +718,18 @@ def _suspended(o: Observed) -> str:
 
 
 def _queued(o: Observed) -> str:
-    msg = f"waiting for Kueue to admit the Job in queue {o.facts.queue}"
-    o.conds.set(C.RUNNING, False, QUEUED, msg)
-    _unschedule(o.conds, QUEUED, msg)  # pre-empted: its pods are gone, so is its placement
+    reason, msg = K.waiting_message(o.kueue_workload, o.facts.queue or "")  # pending (Kueue's reason) or pre-empted
+    o.conds.set(C.RUNNING, False, reason, msg)
+    _unschedule(o.conds, reason, msg)  # pre-empted: its pods are gone, so is its placement
     _started(o)
     return "Pending"
+
+
+def _kueue_admission(o: Observed) -> None:
+    """A Job Kueue manages: mirror its Workload's QuotaReserved and Admitted (operator/kueue.py)."""
+    if o.facts.queue and (o.job or {}).get("queue") and not (o.job or {}).get("removed"):
+        for type_, status, reason, msg in K.mirrored_conditions(o.kueue_workload, o.facts.queue):
+            o.conds.set(type_, status, reason, msg)
 
 
 def _unschedule(conds: Conditions, reason: str, message: str) -> None:

@@ -96,6 +96,7 @@ class StatusWriter:
         new = compute_status(
             kind=key[0], old=old, generation=meta.get("generation"), spec=body.get("spec") or {}, facts=facts,
             job=job, pods=pods, storage=reg.storage.get(key), now=now or now_rfc3339(),
+            kueue_workload=reg.workload(key[1], facts.job_name) if job and facts.queue else None,
         )
         return body, old, new
 

@@ -61,6 +61,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Kueue: queued Jobs are suspended/resumed through their Workload's spec.active (never spec.suspend)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- /* operator (issue 14, item 9): before creating a GPU Job the operator checks that the default
      credentials Secret exists, by a PartialObjectMetadata GET (metadata only, never its data). `get`
      is limited to that one Secret name, whose keys the operator already holds itself
