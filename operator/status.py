@@ -56,6 +56,7 @@ WARNING_REASONS = {
     R.REFERENCED_JOB_FAILED,
 }
 MAX_MESSAGE = 1024
+INT64_MAX = 2**63 - 1  # the CRD's integers are int64
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable")
 
 
@@ -166,6 +167,8 @@ def normalize_checkpoint(d: Any) -> dict[str, Any] | None:
         step = int(d.get("step", 0) or 0)
     except (TypeError, ValueError):
         return None
+    if step > INT64_MAX:
+        return None  # the CRD's integer is int64: such a checkpoint could never be in status (nor take a place among the newest)
     out: dict[str, Any] = {"uuid": str(d["uuid"]), "step": max(step, 0), "uri": str(d["uri"])}
     created = d.get("createdAt") or d.get("created_at")
     if created:
@@ -418,7 +421,6 @@ def _failure_reason(job_reason: str) -> str:
 #: Failed reasons the operator decided itself (not the workload's outcome): they are re-checked on
 #: every reconcile and lifted when the cause is gone (the spec was fixed, the referenced job re-ran).
 RECOVERABLE_FAILURES = frozenset({R.INVALID_SPEC, R.CHECKPOINT_NOT_FOUND, R.NO_CHECKPOINT, R.REFERENCED_JOB_FAILED})
-INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -871,7 +873,11 @@ def clamp_status(kind: str, st: dict[str, Any], old: dict[str, Any] | None = Non
                 c.pop("loss")
         if "checkpoints" in st:
             st["checkpoints"] = cks
-        if st.get("latestCheckpoint") is not None and _int64(st["latestCheckpoint"].get("step")) is None:
+            if cks:
+                st["latestCheckpoint"] = cks[-1]
+            else:
+                st.pop("latestCheckpoint", None)
+        elif st.get("latestCheckpoint") is not None and _int64(st["latestCheckpoint"].get("step")) is None:
             st.pop("latestCheckpoint")
     if st.get("message") is not None:
         st["message"] = short(str(st["message"]), 32768)

@@ -68,3 +68,46 @@ def test_operator_works_with_least_privilege(control_plane, tmp_path):
             op.stop()
     finally:
         cp.delete_namespace(ns)
+
+
+def test_the_secret_check_needs_only_get_on_the_one_default_secret(control_plane, tmp_path):
+    """The chart's rule for the SecretMissing check (deploy/helm/tinv/templates/_helpers.tpl): `get`
+    on the default credentials Secret by name, used as a metadata-only GET; no other Secret readable."""
+    from tinv.api.models import Reason as R
+
+    cp = control_plane
+    if cp.missing_components or not cp.nodes:
+        pytest.skip("needs the full harness")
+    apply_crds(cp)
+    ns = cp.new_namespace("op-rbac-secret")
+    try:
+        rules = RULES + [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tinv-s3"], "verbs": ["get"]}]
+        docs = [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tinv-operator", "namespace": ns}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "tinv-operator", "namespace": ns}, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "tinv-operator", "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tinv-operator"},
+             "subjects": [{"kind": "ServiceAccount", "name": "tinv-operator", "namespace": ns}]},
+        ]
+        for d in docs:
+            cp.kubectl("apply", "-f", "-", input=json.dumps(d))
+        sa = f"system:serviceaccount:{ns}:tinv-operator"
+        can = lambda what: cp.kubectl("auth", "can-i", "get", what, "-n", ns, f"--as={sa}", check=False).stdout.strip()  # noqa: E731
+        assert can("secrets") == "no" and can("secrets/hf-token") == "no" and can("secrets/tinv-s3") == "yes"
+        op = OperatorProcess(cp, [ns], tmp_path / "op", storage_uri="s3://tinv-nowhere/runs",
+                             env={"KUBECONFIG": cp.token_kubeconfig(ns, "tinv-operator")},
+                             extra=["--storage-endpoint", "http://127.0.0.1:9", "--storage-secret", "tinv-s3"]).start()
+        try:
+            cp.create(tijob("needs-creds"), ns)
+            obj = wait(cp, lambda: (o := get(cp, "tijob", ns, "needs-creds")) and condition(o, C.RUNNING).get("reason") == R.SECRET_MISSING and o,
+                       60, "SecretMissing", op)
+            assert "tinv-s3" in condition(obj, C.RUNNING)["message"]
+            assert not cp.get_json("jobs", "-n", ns)["items"]
+            cp.kubectl("create", "secret", "generic", "tinv-s3", "-n", ns, "--from-literal=AWS_ACCESS_KEY_ID=x", "--from-literal=AWS_SECRET_ACCESS_KEY=y")
+            wait(cp, lambda: cp.get_json("jobs", "-n", ns)["items"], 60, "the Job once the Secret exists", op)
+            logs = op.logs(5000)
+            assert "403" not in logs and "orbidden" not in logs, logs[-3000:]
+        finally:
+            op.stop()
+    finally:
+        cp.delete_namespace(ns)

@@ -399,6 +399,7 @@ def test_values_from_storage_are_clamped_to_the_crd():
     valid(st)
     assert "step" not in st.get("progress", {}) and "samplesPerSecond" not in st.get("progress", {})
     assert [c["uuid"] for c in st["checkpoints"]] == ["ok"] and "loss" not in st["checkpoints"][0]
+    assert st["latestCheckpoint"]["uuid"] == "ok", "a checkpoint the CRD cannot hold never hides the newest real one"
     grid = compute(kind=GRID, f=facts(kind=GRID, job_name="g-grid"), j=job(), pods=[pod()],
                    storage=S.StorageView(progress={"imagesDone": 3, "imagesTotal": 10**40, "imagesPerSecond": -5}))
     valid(grid, GRID)
