@@ -29,6 +29,9 @@ class Rule:
     message: str
     field_path: str | None = None
     reason: str | None = None
+    # A CEL expression giving the message from `self` (the apiserver's messageExpression), so a
+    # refusal can name the values at fault; `message` stays the fallback when it cannot be evaluated.
+    message_expression: str | None = None
 
     @property
     def transition(self) -> bool:
@@ -40,6 +43,8 @@ class Rule:
             out["fieldPath"] = self.field_path
         if self.reason:
             out["reason"] = self.reason
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
         return out
 
 

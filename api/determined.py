@@ -2,22 +2,25 @@
 
     tinv import-determined finetune_const.yaml [generate_grid.yaml] [-o out.yaml]
 
-`finetune_const.yaml` (and `finetune_advanced.yaml`) become a TextualInversionJob;
-`generate_grid.yaml` becomes a GenerationGrid that uses the job's latest checkpoint.
-Hyperparameters may be plain values or Determined search specs (`const`, `categorical`,
-`int`/`double` with `count`); grid-search specs become grid axes. Every key that has no
-tinv equivalent is reported as a warning, never dropped silently.
+`finetune_const.yaml` (and `finetune_const_advanced.yaml`) become a TextualInversionJob;
+`generate_grid.yaml` becomes a GenerationGrid. Hyperparameters may sit at any depth (Determined's
+nested hyperparameters) and take every Determined shape: a plain value, `const`, `categorical`,
+`int` / `double` / `log` with `count`. A grid search's values are computed exactly as Determined's
+master computes them (master/pkg/searcher/grid.go), so the imported grid renders the same prompts,
+guidance scales and seeds. Every key that has no tinv equivalent is reported as a warning, never
+dropped silently; keys whose Determined value is what tinv does anyway are mapped without one.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .models import API_VERSION
 
-# Determined key -> (tinv section, tinv field, converter)
+# Leaf hyperparameter name -> Training field (finetune configs).
 _TRAINING = {
     "num_sgd_steps": "steps",
     "train_batch_size": "batchSize",
@@ -34,13 +37,32 @@ _TRAINING = {
     "norm_reg_weight": "normRegWeight",
     "hidden_reg_weight": "hiddenRegWeight",
     "seed": "seed",
+    "train_seed": "seed",
 }
 _NOISE = {"beta_start": "betaStart", "beta_end": "betaEnd", "beta_schedule": "betaSchedule"}
+_CONCEPT_FLAGS = {
+    "append_file_name_to_text": ("captionFromFilename", bool),
+    "file_name_split_char": ("filenameSplitChar", str),
+    "num_blank_prompts": ("numBlankPrompts", int),
+    "num_a_prompts": ("numAPrompts", int),
+}
 _SCHEDULERS = {"ddim": "ddim", "lms-discrete": "lms", "lms": "lms", "pndm": "pndm", "euler": "euler", "dpm": "dpm-solver++"}
+# What tinv's samplers already do (trainer/models.py builds PNDM with skip_prk_steps=True), so these
+# extra scheduler kwargs change nothing.
+_SCHEDULER_KWARGS_BUILT_IN = {"pndm": {"skip_prk_steps": True}}
+# Stable Diffusion 1.x's own training noise schedule: the model's scheduler config, which tinv uses.
+_SD1_NOISE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 # Keys that configure Determined itself or have no effect on results in tinv.
-_IGNORED = {
-    "use_auth_token", "other_optimizer_kwargs", "save_freq", "latent_cache", "main_process_generator_seed",
-    "generator_seed", "num_workers", "mixed_precision_dtype",
+_NO_EQUIVALENT = {
+    "use_auth_token": "tokens never go into resources",
+    "other_optimizer_kwargs": "tinv's optimizers take no extra kwargs",
+    "save_freq": "grid workers write each image as it is rendered",
+    "latent_cache": "tinv always caches latents",
+    "num_workers": "data loading is in-process",
+    "mixed_precision_dtype": "set training.mixedPrecision",
+    "disable_progress_bar": "progress goes to progress.json and the log",
+    "num_pipeline_calls": "validation renders one image per prompt at each validation step",
+    "inference_batch_size": "validation renders one image per prompt at each validation step",
 }
 
 
@@ -50,46 +72,83 @@ class Conversion:
     warnings: list[str] = field(default_factory=list)
 
 
-def _values(spec: Any, key: str, warnings: list[str]) -> list[Any]:
-    """The values of a hyperparameter: a plain value, or a Determined search spec."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        return spec if isinstance(spec, list) else [spec]
+# YAML 1.2 (Determined's parser) reads `5e-4` as a number; PyYAML (YAML 1.1) reads it as a string.
+_YAML12_EXPONENT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _yaml12(value: Any) -> Any:
+    """A scalar as Determined reads it: exponent-form strings such as '5e-4' are floats."""
+    return float(value) if isinstance(value, str) and _YAML12_EXPONENT.fullmatch(value) else value
+
+
+def _go_round(x: float) -> int:
+    """Go's math.Round (half away from zero), which Determined's master uses; Python's round() is half-to-even."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+def _is_search_spec(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("type"), str)
+
+
+def grid_values(spec: Any, path: str, warnings: list[str]) -> list[Any]:
+    """The values a grid search gives one hyperparameter, as Determined's master computes them.
+
+    A plain value (a list included: Determined passes lists through unchanged) is one value.
+    `int` counts are clamped to the integers in range; a count of 1 is the midpoint.
+    """
+    if not _is_search_spec(spec):
+        return [_yaml12(spec)]
     kind = spec["type"]
     if kind == "const":
-        return [spec["val"]]
+        return [_yaml12(spec["val"])]
     if kind == "categorical":
-        return list(spec["vals"])
-    if kind in ("int", "double"):
-        lo, hi, count = spec["minval"], spec["maxval"], spec.get("count")
+        return [_yaml12(v) for v in spec["vals"]]
+    if kind in ("int", "double", "log"):
+        lo, hi, count = _yaml12(spec["minval"]), _yaml12(spec["maxval"]), spec.get("count")
         if not count:
-            warnings.append(f"{key}: a random {kind} search has no grid equivalent; used its minimum {lo}")
-            return [lo]
-        if count == 1:
-            return [lo]
-        step = (hi - lo) / (count - 1)
-        vals = [lo + i * step for i in range(count)]
-        return [int(round(v)) for v in vals] if kind == "int" else vals
-    if kind == "log":
-        warnings.append(f"{key}: log-scale searches are not supported; used base^minval")
-        return [spec.get("base", 10) ** spec["minval"]]
-    warnings.append(f"{key}: unknown search type {kind!r}; ignored")
+            warnings.append(f"{path}: a random {kind} search has no grid equivalent (give it a count); used its minimum {lo}")
+            count = 1
+            hi = lo
+        if kind == "int":
+            count = min(int(count), int(hi) - int(lo) + 1)
+            if count == 1:
+                return [_go_round((lo + hi) / 2)]
+            return [_go_round(lo + i * (hi - lo) / (count - 1)) for i in range(count)]
+        points = [(lo + hi) / 2] if count == 1 else [lo + i * (hi - lo) / (count - 1) for i in range(int(count))]
+        if kind == "log":
+            base = spec.get("base", 10)
+            return [base**p for p in points]
+        return points
+    warnings.append(f"{path}: unknown hyperparameter type {kind!r}; ignored")
     return []
 
 
-def _single(spec: Any, key: str, warnings: list[str]) -> Any:
-    vals = _values(spec, key, warnings)
+def _single(spec: Any, path: str, warnings: list[str]) -> Any:
+    """One value for a config that runs once (Determined's `single` searcher)."""
+    vals = grid_values(spec, path, warnings)
     if len(vals) > 1:
-        warnings.append(f"{key}: a search over {vals} in a training config; tinv runs one job per value — used {vals[0]!r}")
+        warnings.append(f"{path}: a search over {vals}; a tinv job trains once — used {vals[0]!r} (one job per value for a sweep)")
     return vals[0] if vals else None
 
 
-def _flatten(hp: dict[str, Any], prefix: str = "") -> dict[str, tuple[str, Any]]:
-    """Hyperparameters flattened to leaf name -> (dotted path, value); search specs are leaves."""
+def _as_list(spec: Any, path: str, warnings: list[str]) -> list[Any]:
+    """A list-valued setting: a YAML list, or the values of a search spec."""
+    if isinstance(spec, list):
+        return spec
+    return grid_values(spec, path, warnings)
+
+
+def _leaves(hp: dict[str, Any] | None, prefix: str = "") -> dict[str, tuple[str, Any]]:
+    """Nested hyperparameters flattened to leaf name -> (dotted path, value).
+
+    A dict is a nested group unless it is a search spec, or a free-form kwargs dict
+    (`other_scheduler_kwargs`, `other_inference_scheduler_kwargs`), which is one value.
+    """
     out: dict[str, tuple[str, Any]] = {}
     for key, value in (hp or {}).items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and "type" not in value:
-            out.update(_flatten(value, f"{path}."))
+        if isinstance(value, dict) and not _is_search_spec(value) and not (key.startswith("other_") and key.endswith("_kwargs")):
+            out.update(_leaves(value, f"{path}."))
         else:
             out[key] = (path, value)
     return out
@@ -100,38 +159,85 @@ def _name(text: str, fallback: str) -> str:
     return name or fallback
 
 
-def _model_source(flat: dict[str, tuple[str, Any]], warnings: list[str]) -> dict[str, Any]:
+def _model_source(flat: dict[str, tuple[str, Any]], config: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     source = flat.pop("pretrained_model_name_or_path", (None, "CompVis/stable-diffusion-v1-4"))[1]
     model: dict[str, Any] = {"source": str(source)}
     if "use_auth_token" in flat:
         flat.pop("use_auth_token")
         model["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
-        warnings.append("model.use_auth_token: tokens never go into resources; create Secret hf-token (key token) instead")
+        warnings.append("use_auth_token: tokens never go into resources; create Secret hf-token (key token) instead")
+    env = ((config.get("environment") or {}).get("environment_variables")) or []
+    for entry in env if isinstance(env, list) else []:
+        var = str(entry).split("=", 1)[0]
+        if var in ("HF_AUTH_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            model["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
+            warnings.append(f"environment.environment_variables: {var} is not copied (tokens never go into resources); "
+                            "create Secret hf-token (key token): model.tokenSecretRef points at it")
+        else:
+            warnings.append(f"environment.environment_variables: {var} has no tinv equivalent; ignored")
     if "revision" in flat:
         model["revision"] = str(flat.pop("revision")[1])
     return model
 
 
+def _run_policy(config: dict[str, Any]) -> dict[str, Any]:
+    restarts = config.get("max_restarts")
+    return {"backoffLimit": int(restarts)} if isinstance(restarts, int) and 0 <= restarts <= 100 else {}
+
+
+def _resource_warnings(config: dict[str, Any], warnings: list[str]) -> None:
+    for key in (config.get("resources") or {}):
+        if key != "slots_per_trial":
+            warnings.append(f"resources.{key}: no tinv equivalent (spec.resources sets GPUs, workers and placement); ignored")
+
+
+def _check_searcher(config: dict[str, Any], expected: str, warnings: list[str]) -> None:
+    name = (config.get("searcher") or {}).get("name")
+    if name and name != expected:
+        warnings.append(f"searcher.name: {name!r}; tinv maps a {expected!r} search (a {name} search over training runs is one job per point)")
+
+
+def _noise_matches_sd1(key: str, value: Any) -> bool:
+    want = _SD1_NOISE[key]
+    return value == want if isinstance(want, str) else isinstance(value, (int, float)) and abs(float(value) - want) <= 1e-12 + 1e-9 * want
+
+
+def _scheduler(value: Any, path: str, warnings: list[str]) -> str:
+    name = str(value)
+    if name not in _SCHEDULERS:
+        warnings.append(f"{path}: unknown scheduler {name!r}; used ddim")
+    return _SCHEDULERS.get(name, "ddim")
+
+
+def _scheduler_kwargs(value: Any, schedulers: list[str], path: str, warnings: list[str]) -> None:
+    """Extra sampler kwargs: fine when tinv's sampler already does exactly that, warned otherwise."""
+    if not value:
+        return
+    built_in = [_SCHEDULER_KWARGS_BUILT_IN.get(s, {}) for s in schedulers] or [{}]
+    if not all(all(b.get(k) == v for k, v in dict(value).items()) for b in built_in):
+        warnings.append(f"{path}: {value} has no tinv equivalent (tinv's samplers use their standard settings); ignored")
+
+
 def convert_finetune(config: dict[str, Any], *, images_prefix: str = "s3://CHANGE-ME/") -> Conversion:
-    """finetune_const.yaml / finetune_advanced.yaml -> a TextualInversionJob."""
+    """finetune_const.yaml / finetune_const_advanced.yaml -> a TextualInversionJob."""
     conv = Conversion()
     w = conv.warnings
-    flat = _flatten(config.get("hyperparameters", {}))
-    model = _model_source(flat, w)
+    _check_searcher(config, "single", w)
+    _resource_warnings(config, w)
+    flat = _leaves(config.get("hyperparameters"))
+    model = _model_source(flat, config, w)
 
     def take_list(key: str) -> list[Any]:
         if key not in flat:
             return []
         path, value = flat.pop(key)
-        return value if isinstance(value, list) else _values(value, path, w)
+        return _as_list(value, path, w)
 
     props, tokens, inits, dirs = (take_list(k) for k in ("learnable_properties", "concept_strs", "initializer_strs", "img_dirs"))
     if not tokens:
         w.append("concepts.concept_strs: missing; wrote one placeholder concept 'my-concept'")
         tokens = ["my-concept"]
-    if len(inits) == 1 and len(tokens) == 1 and isinstance(inits[0], str):
-        pass
-    elif len(inits) > len(tokens) and len(tokens) == 1:
+    if len(inits) > len(tokens) == 1:
         # YAML `[brain logo, sharp lines, ...]` splits one phrase on commas: join it back.
         inits = [", ".join(map(str, inits))]
     concepts = []
@@ -145,121 +251,157 @@ def convert_finetune(config: dict[str, Any], *, images_prefix: str = "s3://CHANG
                 "images": images_prefix.rstrip("/") + "/" + img_dir.strip("/") + "/",
             }
         )
-    w.append(f"concepts.img_dirs: Determined read images from the trial's folder; upload them and check each 'images' URI (now under {images_prefix})")
+    w.append(f"concepts.img_dirs: Determined read images from the experiment's folder; upload them and check each 'images' URI (now under {images_prefix})")
 
     training: dict[str, Any] = {}
     noise: dict[str, Any] = {}
     validation: dict[str, Any] = {}
+    scheduler_kwargs: tuple[str, Any] | None = None
+    render_validation = True
     for key, (path, value) in list(flat.items()):
         if key in _TRAINING:
             training[_TRAINING[key]] = _single(value, path, w)
         elif key in _NOISE:
             noise[_NOISE[key]] = _single(value, path, w)
-        elif key == "append_file_name_to_text":
+        elif key == "num_train_timesteps":
+            steps = _single(value, path, w)
+            if not _noise_matches_sd1(key, steps):
+                w.append(f"{path}: {steps}; tinv uses the model's own num_train_timesteps (1000 for SD 1.x); ignored")
+        elif key in _CONCEPT_FLAGS:
+            camel, cast = _CONCEPT_FLAGS[key]
             for c in concepts:
-                c["captionFromFilename"] = bool(_single(value, path, w))
-        elif key == "file_name_split_char":
-            for c in concepts:
-                c["filenameSplitChar"] = str(_single(value, path, w))
-        elif key in ("num_blank_prompts", "num_a_prompts"):
-            camel = {"num_blank_prompts": "numBlankPrompts", "num_a_prompts": "numAPrompts"}[key]
-            for c in concepts:
-                c[camel] = int(_single(value, path, w))
+                c[camel] = cast(_single(value, path, w))
         elif key in ("inference_prompts", "prompts"):
-            validation["prompts"] = [str(p) for p in (value if isinstance(value, list) else [value])]
+            validation["prompts"] = [str(p) for p in _as_list(value, path, w)]
         elif key == "inference_scheduler_name":
-            name = str(_single(value, path, w))
-            validation["scheduler"] = _SCHEDULERS.get(name, "ddim")
-            if name not in _SCHEDULERS:
-                w.append(f"{path}: unknown scheduler {name!r}; used ddim")
+            validation["scheduler"] = _scheduler(_single(value, path, w), path, w)
+        elif key == "other_inference_scheduler_kwargs":
+            scheduler_kwargs = (path, value)
         elif key == "num_inference_steps":
             validation["steps"] = int(_single(value, path, w))
         elif key == "guidance_scale":
             validation["guidanceScale"] = float(_single(value, path, w))
+        elif key in ("main_process_generator_seed", "generator_seed"):
+            validation["seed"] = int(_single(value, path, w))
         elif key == "inference_freq":
             validation["every"] = int(_single(value, path, w))
-        elif key in _IGNORED:
-            w.append(f"{path}: has no tinv equivalent; ignored")
+        elif key == "generate_training_images":
+            render_validation = bool(_single(value, path, w))
+        elif key in _NO_EQUIVALENT:
+            w.append(f"{path}: no tinv equivalent ({_NO_EQUIVALENT[key]}); ignored")
         else:
             w.append(f"{path}: unknown to tinv; ignored")
+    if scheduler_kwargs:
+        _scheduler_kwargs(scheduler_kwargs[1], [validation.get("scheduler", "ddim")], scheduler_kwargs[0], w)
+    if not render_validation and validation.pop("prompts", None):
+        w.append("generate_training_images: false; the inference prompts were left out (no validation images)")
     if noise:
         training["noise"] = noise
     if validation:
         training["validation"] = validation
     if isinstance(training.get("optimizer"), str):
         training["optimizer"] = training["optimizer"].lower()
+    kept = (config.get("checkpoint_storage") or {}).get("save_trial_latest")
+    if isinstance(kept, int) and kept >= 1:
+        training["checkpointsKept"] = kept
 
-    slots = (config.get("resources") or {}).get("slots_per_trial", 1)
-    resources = {"gpusPerWorker": int(slots)} if slots else {}
-    if slots and int(slots) > 8:
-        resources = {"gpusPerWorker": 8, "workers": -(-int(slots) // 8)}
+    slots = int((config.get("resources") or {}).get("slots_per_trial", 1) or 1)
+    resources = {"gpusPerWorker": slots} if slots <= 8 else {"gpusPerWorker": 8, "workers": -(-slots // 8)}
+    spec: dict[str, Any] = {"model": model, "concepts": concepts, "training": training, "resources": resources}
+    if policy := _run_policy(config):
+        spec["runPolicy"] = policy
     name = _name(config.get("name") or tokens[0], "imported-job")
-    conv.resources.append(
-        {
-            "apiVersion": API_VERSION,
-            "kind": "TextualInversionJob",
-            "metadata": {"name": name},
-            "spec": {"model": model, "concepts": concepts, "training": training, "resources": resources},
-        }
-    )
+    conv.resources.append({"apiVersion": API_VERSION, "kind": "TextualInversionJob", "metadata": {"name": name}, "spec": spec})
     return conv
 
 
 def convert_grid(config: dict[str, Any], *, job_name: str | None) -> Conversion:
-    """generate_grid.yaml -> a GenerationGrid using the job's latest checkpoint (or the embeddings file it names)."""
+    """generate_grid.yaml -> a GenerationGrid that renders the same images.
+
+    In Determined each grid point is a trial whose `slots_per_trial` workers each call the pipeline
+    `num_batches` times with `batch_size` images from a generator seeded `main_process_generator_seed
+    + rank`. tinv renders a cell's images with seeds `seed + k`, so one cell holds
+    workers x num_batches x batch_size images and the grid has exactly as many images as the
+    experiment; its workers shard the grid instead of repeating it.
+    """
     conv = Conversion()
     w = conv.warnings
-    flat = _flatten(config.get("hyperparameters", {}))
-    model = _model_source(flat, w)
+    _check_searcher(config, "grid", w)
+    _resource_warnings(config, w)
+    flat = _leaves(config.get("hyperparameters"))
+    model = _model_source(flat, config, w)
     spec: dict[str, Any] = {"model": model}
     grid: dict[str, Any] = {}
     prompts: list[str] = []
     batch_size, num_batches = 1, 1
-    embeddings: list[dict[str, Any]] = []
+    uuids: list[str] = []
+    local_files: list[str] = []
+    filename = "learned_embeddings_dict.pt"
+    scheduler_kwargs: tuple[str, Any] | None = None
     for key, (path, value) in list(flat.items()):
-        if key in ("prompts", "inference_prompts"):
-            prompts = [str(p) for p in (value if isinstance(value, list) else _values(value, path, w))]
+        if key in ("prompt", "prompts", "inference_prompts"):
+            prompts = [str(p) for p in _as_list(value, path, w)]
+        elif key == "negative_prompt":
+            spec["negativePrompt"] = str(_single(value, path, w))
         elif key == "guidance_scale":
-            grid["guidanceScales"] = [float(v) for v in _values(value, path, w)]
-        elif key in ("seed", "seeds", "main_process_generator_seed", "generator_seed"):
-            grid["seeds"] = [int(v) for v in _values(value, path, w)]
+            grid["guidanceScales"] = [float(v) for v in grid_values(value, path, w)]
+        elif key in ("main_process_generator_seed", "generator_seed", "seed", "seeds"):
+            grid["seeds"] = [int(v) for v in _as_list(value, path, w)]
         elif key == "num_inference_steps":
-            grid["steps"] = [int(v) for v in _values(value, path, w)]
+            grid["steps"] = [int(v) for v in grid_values(value, path, w)]
         elif key in ("scheduler_name", "inference_scheduler_name"):
-            grid["schedulers"] = [_SCHEDULERS.get(str(v), "ddim") for v in _values(value, path, w)]
+            grid["schedulers"] = [_scheduler(v, path, w) for v in grid_values(value, path, w)]
+        elif key in ("other_scheduler_kwargs", "other_inference_scheduler_kwargs"):
+            scheduler_kwargs = (path, value)
+        elif key in _NOISE or key == "num_train_timesteps":
+            value = _single(value, path, w)
+            if not _noise_matches_sd1(key, value):
+                w.append(f"{path}: {value}; tinv samples with the model's own noise schedule; ignored")
         elif key == "batch_size":
             batch_size = int(_single(value, path, w))
         elif key == "num_batches":
             num_batches = int(_single(value, path, w))
         elif key in ("uuids", "checkpoint_uuids", "uuid"):
-            vals = value if isinstance(value, list) else [value]
-            for v in vals:
-                embeddings.append({"job": job_name, "checkpoint": str(v)} if job_name else {"uri": f"s3://CHANGE-ME/checkpoints/{v}/"})
-            w.append(f"{path}: Determined checkpoint uuids are not tinv checkpoint uuids; check each embedding reference")
-        elif key in ("learned_embeddings_filename", "learned_embeddings_path", "embeddings_path"):
-            embeddings.append({"uri": str(_single(value, path, w))})
-        elif key == "negative_prompt":
-            spec["negativePrompt"] = str(_single(value, path, w))
+            uuids += [str(v) for v in _as_list(value, path, w)]
+        elif key == "local_checkpoint_paths":
+            local_files += [str(v) for v in _as_list(value, path, w)]
+        elif key == "learned_embeddings_filename":
+            filename = str(_single(value, path, w))
         elif key in ("height", "width", "img_size"):
             size = int(_single(value, path, w))
             grid.setdefault("sizes", [{"width": size, "height": size}])
         elif key in ("mixed_precision", "fp16", "use_fp16"):
             spec["precision"] = "fp16" if _single(value, path, w) else "fp32"
-        elif key in _IGNORED:
-            w.append(f"{path}: has no tinv equivalent; ignored")
+        elif key in _NO_EQUIVALENT:
+            w.append(f"{path}: no tinv equivalent ({_NO_EQUIVALENT[key]}); ignored")
         else:
             w.append(f"{path}: unknown to tinv; ignored")
+    if scheduler_kwargs:
+        _scheduler_kwargs(scheduler_kwargs[1], grid.get("schedulers", ["ddim"]), scheduler_kwargs[0], w)
+
+    embeddings: list[dict[str, Any]] = [{"uri": path} for path in local_files]
+    if local_files:
+        w.append(f"local_checkpoint_paths: {local_files} are read relative to where `tinv run` starts; "
+                 "upload them (s3:// or pvc://) for a cluster run")
+    for uuid in uuids:
+        embeddings.append({"uri": f"s3://CHANGE-ME/{uuid}/{filename}"})
+        w.append(f"uuids: {uuid} is a Determined checkpoint; copy its {filename} to storage and fix the uri "
+                 "(tinv checkpoints are referenced as {job, checkpoint})")
     if not embeddings and job_name:
         embeddings.append({"job": job_name, "checkpoint": "latest"})
     if not embeddings:
-        w.append("no embeddings: pass the finetune config too, or add spec.embeddings by hand")
+        w.append("no embeddings: give local_checkpoint_paths or uuids, or pass the finetune config too")
     if not prompts:
-        w.append("no prompts found; wrote a placeholder prompt")
+        w.append("no prompt found (call_kwargs.prompt); wrote a placeholder prompt — edit spec.prompts")
         prompts = ["a photo of my concept"]
-    spec.update({"embeddings": embeddings, "prompts": prompts, "grid": grid, "imagesPerCell": batch_size * num_batches, "batchSize": batch_size})
-    slots = (config.get("resources") or {}).get("slots_per_trial", 1)
-    if slots and int(slots) > 1:
-        spec["resources"] = {"workers": int(slots), "gpusPerWorker": 1}
+
+    workers = int((config.get("resources") or {}).get("slots_per_trial", 1) or 1)
+    spec.update({"embeddings": embeddings, "prompts": prompts, "grid": grid,
+                 "imagesPerCell": workers * num_batches * batch_size, "batchSize": batch_size})
+    if workers > 1:
+        spec["resources"] = {"workers": workers, "gpusPerWorker": 1}
+    if policy := _run_policy(config):
+        spec["runPolicy"] = policy
     conv.resources.append(
         {"apiVersion": API_VERSION, "kind": "GenerationGrid", "metadata": {"name": _name(config.get("name") or "grid", "imported-grid")}, "spec": spec}
     )

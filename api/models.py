@@ -26,8 +26,13 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 URI_RULE = Rule(
-    "self.startsWith('s3://') || self.startsWith('pvc://') || self.startsWith('file://') || !self.contains('://')",
-    "must be s3://bucket/prefix, pvc://claim/path, file:///path or a local path",
+    # A scheme must be spelled out in full and name what it needs (a bucket, a claim, an absolute
+    # path): 's3:/bad', 's3://', 'file://relative' or 'http://x' can never work, in a cluster or
+    # locally, so the apiserver refuses them instead of failing after creation. A plain path (no
+    # scheme) stays valid for `tinv run`; the operator refuses it with a condition in a cluster.
+    # A single-letter "scheme" is a Windows drive (C:/data).
+    "self.matches('^(s3://[^/]+|pvc://[^/]+|file:///)') || !self.matches('^[A-Za-z][-A-Za-z0-9+.]+:')",
+    "must be s3://bucket/prefix, pvc://claim/path, file:///absolute/path or a local path (a scheme needs '://' and a bucket, claim or absolute path)",
 )
 
 SchedulerName = Literal[
@@ -55,7 +60,8 @@ class ModelSource(Model):
         description=(
             "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5', a diffusers folder at "
             "s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
-            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'); required."
+            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'), or 'builtin:shapes' for the small model tinv "
+            "trained on its shapes world; required."
         ),
     )
     revision: str | None = Field(
@@ -76,8 +82,9 @@ class ModelSource(Model):
 
     __cel__ = (
         Rule(
-            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:(tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?$') : true",
-            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N'",
+            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:((tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?|shapes)$') : true",
+            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N',"
+            " and 'builtin:shapes' (the trained shapes model)",
             field_path=".source",
         ),
     )
@@ -204,6 +211,14 @@ class RunPolicy(Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished child Job (not the resource, not outputs) after this many seconds; default: keep."
     )
+    managed_by: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="spec.managedBy of the child Job, e.g. kueue.x-k8s.io/multikueue (MultiKueue runs it in a worker cluster); "
+        "default: the Job controller of this cluster.",
+        json_schema_extra=cel(immutable("spec.runPolicy.managedBy")),
+    )
 
 
 class Condition(Model):
@@ -262,6 +277,40 @@ class Reason:
     CHECKPOINT_RECORDED = "CheckpointRecorded"
     OUTPUTS_DELETED = "OutputsDeleted"
     OUTPUTS_KEPT = "OutputsKept"
+    # operator issue 14: lost Jobs, terminating pods, deletion, grid references
+    JOB_DELETED = "JobDeleted"
+    JOB_FAILED = "JobFailed"
+    WAITING_FOR_PODS = "WaitingForPods"
+    DELETING = "Deleting"
+    CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
+    NO_CHECKPOINT = "NoCheckpoint"
+    REFERENCED_JOB_FAILED = "ReferencedJobFailed"
+
+
+class ExitCode:
+    """The trainer's and generator's process exit codes: the operator's retry policy reads them.
+
+    ==== ============ ==========================================================================
+    0    OK           finished (or was already finished); not retried
+    1    INTERNAL     an unexpected error (a bug, a device fault, out of memory); retryable
+    2    INVALID      bad spec or input (images, tokens, resume source); not retryable
+    69   UNAVAILABLE  a dependency could not be reached (model hub, object storage); retryable
+    75   PREEMPTED    SIGTERM: stopped at any moment -- in the loop after writing a checkpoint,
+                      during start-up with nothing new to save. Retryable and not counted
+                      against backoffLimit: a retry continues from the newest complete
+                      checkpoint, or starts over when there is none yet. The process prints
+                      one line saying what was saved ("nothing" before the first step).
+    130  INTERRUPTED  SIGINT (Ctrl-C) on a terminal: same as 75, for a person at a terminal
+    ==== ============ ==========================================================================
+    """
+
+    OK = 0
+    INTERNAL = 1
+    INVALID = 2
+    UNAVAILABLE = 69
+    PREEMPTED = 75
+    INTERRUPTED = 130
+    RETRYABLE = (INTERNAL, UNAVAILABLE, PREEMPTED)
 
 
 Phase = Literal["Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
@@ -292,6 +341,26 @@ class Workload(Model):
     job_name: str | None = Field(default=None, description="Name of the child batch/v1 Job.")
     config_map_name: str | None = Field(default=None, description="Name of the ConfigMap holding the resource document.")
     service_name: str | None = Field(default=None, description="Name of the headless Service for multi-worker rendezvous.")
+    # The record that makes a finished Job never run twice: written before the Job is created
+    # (jobGeneration) and once it exists (jobUid); a Job that disappears while recorded here is
+    # not re-created. Cleared only when the operator itself replaces the Job (a spec change
+    # applied while suspended).
+    job_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the child Job was created from (recorded before creating it)."
+    )
+    job_uid: str | None = Field(default=None, max_length=64, description="uid of the child Job the operator created.")
+
+
+class WorkerCounts(Model):
+    """The child Job's worker pods, as its status counts them (Kubeflow's replicaStatuses)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    active: int = Field(default=0, ge=0, description="Worker pods pending or running.")
+    ready: int = Field(default=0, ge=0, description="Worker pods running and ready.")
+    succeeded: int = Field(default=0, ge=0, description="Worker pods that finished successfully.")
+    failed: int = Field(default=0, ge=0, description="Worker pods that failed (over every retry).")
+    terminating: int = Field(default=0, ge=0, description="Worker pods being stopped.")
 
 
 class CheckpointRef(Model):
@@ -322,6 +391,7 @@ class BaseStatus(Model):
     completion_time: str | None = Field(default=None, description="When the workload finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Progress read from progress.json.")
     workload: Workload | None = Field(default=None, description="The child Job, ConfigMap and Service.")
+    workers: WorkerCounts | None = Field(default=None, description="Worker pods of the child Job: active, ready, succeeded, failed, terminating.")
     output_uri: str | None = Field(default=None, description="Root of this resource's outputs in storage.")
     message: str | None = Field(default=None, max_length=32768, description="Last workload summary (termination message).")
 
@@ -342,6 +412,26 @@ class ObjectMeta(Model):
 # --------------------------------------------------------------------------- TextualInversionJob
 
 
+# Token rules that need no model (the vocabulary checks need the tokenizer and run in the trainer).
+TOKEN_RULES = (
+    Rule("self.matches('[a-z]')", "token needs at least one letter a-z (e.g. '<det-logo>', not '***')"),
+    Rule(
+        "!self.matches('[A-Z]')",
+        "token must be lower case: CLIP lower-cases prompts, and diffusers' load_textual_inversion uses only the first "
+        "vector of a capitalised multi-vector token (write e.g. '<mycat>' for '<MyCat>')",
+    ),
+    Rule("!self.contains('/') && !self.contains('\\\\')", "token must not contain '/' or '\\' (it names the embedding files)"),
+    Rule("!self.contains('<|') && !self.contains('|>')", "token must not look like a special token of the tokenizer (<|startoftext|>, <|endoftext|>)"),
+    Rule("!self.contains('{}')", "token must not contain '{}' (that is the template slot)"),
+)
+# For the contained-token message: the first token that is part of another concept's token, and
+# the first token containing it. Over the list of tokens, not of concepts: the apiserver estimates
+# a filter over whole concept objects (templates included) far over its CEL cost budget.
+_TOKENS = "self.map(a, a.token)"
+_CONTAINED = _TOKENS + ".filter(t, " + _TOKENS + ".exists(u, u != t && u.contains(t)))[0]"
+_CONTAINER = _TOKENS + ".filter(u, u != " + _CONTAINED + " && u.contains(" + _CONTAINED + "))[0]"
+
+
 class Concept(Model):
     """One concept to learn: a new token and the images that show it."""
 
@@ -349,7 +439,8 @@ class Concept(Model):
         min_length=1,
         max_length=64,
         pattern=r"^\S+$",
-        description="The new token used in prompts, e.g. 'det-logo'; no whitespace; required.",
+        description="The new token used in prompts, e.g. 'det-logo'; lower case, no whitespace, at least one letter; required.",
+        json_schema_extra=cel(*TOKEN_RULES),
     )
     property: Literal["object", "style"] = Field(
         default="object", description="Whether the images show an object or a style; picks the prompt templates; default object."
@@ -377,7 +468,16 @@ class Concept(Model):
         min_length=1,
         max_length=256,
         description="Prompt templates with '{}' where the token goes; default: the 27 object or 19 style templates.",
-        json_schema_extra=cel(Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes")),
+        json_schema_extra=cel(
+            Rule("self.all(t, t.contains('{}'))", "every template must contain '{}' where the token goes"),
+            # The trainer finds the token on word boundaries (as CLIP splits words): "a {}-style
+            # photo" would become "a det-logo-style photo", which never contains the token.
+            Rule(
+                "self.all(t, !t.matches('[A-Za-z0-9_-][{][}]') && !t.matches('[{][}][A-Za-z0-9_-]'))",
+                "a template's '{}' touches a letter, digit, '_' or '-' (e.g. 'a {}-style photo', '{}s'): the token would be "
+                "glued into another word and never trained; put a space or punctuation next to '{}'",
+            ),
+        ),
     )
     caption_from_filename: bool = Field(
         default=False, description="Append words from each image's file name to its prompt (Determined's append_file_name_to_text); default false."
@@ -427,9 +527,17 @@ class Training(Model):
         default=True, description="Multiply the learning rate by batch size x accumulation x world size; default true."
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(default="adam", description="Optimizer of the new embedding rows; default adam.")
-    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Weight decay (adamw, sgd); default 0.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(default="constant", description="Learning-rate schedule; default constant.")
-    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps; default 0.")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Decoupled weight decay for every optimizer (AdamW's: each step scales the vectors by 1 - lr x weightDecay); default 0.",
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning-rate schedule, as diffusers' get_scheduler names it (constant ignores lrWarmupSteps); default constant.",
+    )
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 (constant_with_warmup, linear, cosine); default 0.")
     resolution: int = Field(
         default=512,
         ge=64,
@@ -441,6 +549,10 @@ class Training(Model):
         default="bicubic", description="Resampling filter when resizing images; default bicubic."
     )
     center_crop: bool = Field(default=False, description="Centre-crop images to a square before resizing; default false.")
+    transparent_background: Literal["white", "black"] = Field(
+        default="white",
+        description="Colour transparent pixels are composited on: white, or black (what diffusers' textual_inversion.py gives, as it drops the alpha channel of fully transparent pixels); default white.",
+    )
     flip_p: float = Field(default=0.5, ge=0, le=1, description="Probability of a horizontal flip; default 0.5.")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         default="auto", description="Autocast dtype; auto is bf16 where supported, fp16 with a scaler otherwise, none on CPU; default auto."
@@ -498,6 +610,10 @@ class TextualInversionJobSpec(Model):
             Rule(
                 "self.all(a, self.all(b, a.token == b.token || !b.token.contains(a.token)))",
                 "no concept token may contain another (e.g. 'det-logo' and 'det-logo-demo'): prompts could not tell them apart",
+                message_expression=(
+                    "'no concept token may contain another: \\'' + " + _CONTAINER + " + '\\' contains \\'' + " + _CONTAINED
+                    + " + '\\', so prompts could not tell them apart; rename one of them'"
+                ),
             ),
         ),
     )
@@ -713,6 +829,9 @@ class GenerationGridStatus(BaseStatus):
     resolved_embeddings: list[ResolvedEmbedding] = Field(default_factory=list, description="Embeddings with 'latest' resolved to uuids.")
     gallery_uri: str | None = Field(default=None, description="URI of the gallery page (index.html).")
     index_uri: str | None = Field(default=None, description="URI of index.json, listing every image and its parameters.")
+    failed_shards: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=128, description="Shard indexes (JOB_COMPLETION_INDEX) whose worker failed, ascending."
+    )
 
 
 class GenerationGrid(Model):
@@ -745,3 +864,19 @@ class GenerationGrid(Model):
 
 
 RESOURCES: dict[str, type[Model]] = {"TextualInversionJob": TextualInversionJob, "GenerationGrid": GenerationGrid}
+
+
+# --------------------------------------------------------------------------- names every part shares
+# The operator, the trainer and the CLI read these from here (never from the operator's builders);
+# the exit-code contract is `ExitCode` above.
+
+TIJOB_KIND = "TextualInversionJob"
+GRID_KIND = "GenerationGrid"
+PLURALS: dict[str, str] = {kind: model.__crd__.plural for kind, model in RESOURCES.items()}  # type: ignore[attr-defined]
+
+
+class Annotation:
+    """Annotation keys the operator sets on child objects."""
+
+    SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
+    RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from

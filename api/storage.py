@@ -24,7 +24,7 @@ manifest.json of a checkpoint:
     {"uuid", "step", "loss", "created_at" (RFC 3339), "job": {"namespace", "name", "uid"},
      "tokens": {token: n_vectors}, "files": {file name: sha256}, "hyperparameters": {...},
      "format", "uri", "total_steps", "model", "concepts", "effective_batch_size", "learning_rate",
-     "world_size", "embedding_width", "resumed_from", "file_sizes", "trainer"}
+     "world_size", "embedding_width", "resumed_from", "file_sizes", "trainer", "determined"}
 
 URIs are `s3://bucket/key`, `file:///abs/path`, `pvc://claim/path` (inside a pod the claim is
 mounted at `$TINV_PVC_ROOT/<claim>`, default /mnt/pvc) or a plain local path. `Store` reads and
@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 PROGRESS_FILE = "progress.json"
@@ -62,6 +63,10 @@ class StorageError(RuntimeError):
 
 class NotFound(StorageError):
     """The object does not exist."""
+
+
+class TooLarge(StorageError):
+    """The object is larger than the reader accepts (the message names it and both sizes)."""
 
 
 def join(base: str, *parts: str) -> str:
@@ -142,6 +147,10 @@ class S3Settings:
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    # network time limits of one call (the operator's poller uses much tighter ones than pods)
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    retries: int = 3  # after the first attempt (botocore's retries.max_attempts)
 
     @classmethod
     def from_spec(cls, storage: Any | None, env: dict[str, str] | None = None) -> "S3Settings":
@@ -183,9 +192,9 @@ class Store:
                 aws_secret_access_key=s.secret_access_key,
                 config=Config(
                     s3={"addressing_style": s.addressing_style},
-                    connect_timeout=5,
-                    read_timeout=60,
-                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=s.connect_timeout,
+                    read_timeout=s.read_timeout,
+                    retries={"max_attempts": s.retries, "mode": "standard"},
                 ),
             )
         return self._client
@@ -208,13 +217,43 @@ class Store:
             raise StorageError(f"{uri}: storage unreachable ({err}); check storage.endpoint") from None
 
     # ------------------------------------------------------------------ operations
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, uri: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+        """An object's bytes. `max_bytes`: refuse a larger object (TooLarge) without reading it;
+        `timeout`: give up (StorageError) when the whole read takes longer, even if the server
+        keeps trickling bytes (each socket read is bounded by the client's read_timeout)."""
         if is_s3(uri):
+            import time
+
+            t0 = time.monotonic()
             bucket, key = _split_s3(uri)
-            body = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
-            return body.read()
+            resp = self._s3_call(uri, self.client.get_object, Bucket=bucket, Key=key)
+            body = resp["Body"]
+            size = resp.get("ContentLength")
+            try:
+                if max_bytes is not None and size is not None and size > max_bytes:
+                    raise TooLarge(_too_large(uri, size, max_bytes))
+                # read1 returns whatever one socket read brings (read(n) waits for n bytes): a server
+                # trickling bytes within every socket timeout still meets the wall-clock limit
+                read = getattr(getattr(body, "_raw_stream", None), "read1", None) if timeout is not None else None
+                chunks, total = [], 0
+                while chunk := self._s3_call(uri, read or body.read, 65536):
+                    chunks.append(chunk)
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        raise TooLarge(_too_large(uri, total, max_bytes))
+                    if timeout is not None and time.monotonic() - t0 > timeout:
+                        raise StorageError(f"{uri}: reading took longer than {timeout:g}s; storage too slow")
+                return b"".join(chunks)
+            except StorageError:
+                raise
+            except Exception as err:  # noqa: BLE001 - urllib3's own errors from read1 (a dropped connection, a timeout)
+                raise StorageError(f"{uri}: storage unreachable ({err}); check storage.endpoint") from None
+            finally:
+                body.close()
         path = local_path(uri)
         try:
+            if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+                raise TooLarge(_too_large(uri, size, max_bytes))
             return path.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"{uri}: no such file") from None
@@ -238,8 +277,8 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def read_json(self, uri: str) -> Any:
-        return json.loads(self.read_bytes(uri))
+    def read_json(self, uri: str, *, max_bytes: int | None = None, timeout: float | None = None) -> Any:
+        return json.loads(self.read_bytes(uri, max_bytes=max_bytes, timeout=timeout))
 
     def write_json(self, uri: str, value: Any) -> None:
         self.write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
@@ -333,22 +372,106 @@ class Store:
         shutil.rmtree(local_path(prefix), ignore_errors=True)
 
 
-def list_checkpoints(store: Store, root: str) -> list[dict[str, Any]]:
+def list_checkpoints(store: Store, root: str, *, known: dict[str, dict[str, Any]] | None = None,
+                     read: Callable[[str, str], Any] | None = None) -> list[dict[str, Any]]:
     """Complete checkpoints under a run root (those whose manifest.json exists), oldest step first.
 
     Each item is the manifest dict plus `uri` (the checkpoint folder). A folder without a
     manifest is a checkpoint still being written, or one interrupted: it is never listed.
+    A caller that polls passes `known` (uuid -> manifest already read: not read again) and its
+    own `read(uuid, manifest_uri)` (size and time limits, back-off for incomplete folders).
     """
     base = join(root, CHECKPOINTS_DIR)
     found = []
     for uuid in store.children(base):
+        if known is not None and uuid in known:
+            found.append(known[uuid])
+            continue
         try:
-            manifest = store.read_json(join(base, uuid, MANIFEST_FILE))
+            manifest = read(uuid, join(base, uuid, MANIFEST_FILE)) if read else store.read_json(join(base, uuid, MANIFEST_FILE))
         except NotFound:
             continue
         except (ValueError, StorageError):
+            if read is not None:
+                raise  # the caller decides (e.g. an oversized manifest is reported by name)
+            continue
+        if not isinstance(manifest, dict):
             continue
         manifest["uri"] = join(base, uuid)
         found.append(manifest)
     found.sort(key=lambda m: (m.get("step", 0), m.get("created_at", "")))
     return found
+
+
+# ---------------------------------------------------------------------------- finding a job's checkpoints
+# ONE resolver for "the checkpoints of job X", used by training (resumeFrom), generation
+# (embeddings: job) and the operator.
+
+RUN_SUFFIX = re.compile(r"^(?P<job>.+)-(?P<uid>[0-9a-f]{8}|local)$")
+
+
+def namespace_root(storage_uri: str | None, namespace: str | None) -> str:
+    """`<storage.uri>/<namespace>`: the folder holding every run root of a namespace."""
+    return join(storage_uri or LOCAL_ROOT, namespace or "default")
+
+
+def job_of_run(folder: str) -> str | None:
+    """The resource name of a run root (`<name>-<uid8>` or `<name>-local`), or None."""
+    m = RUN_SUFFIX.match(folder.rstrip("/").rsplit("/", 1)[-1])
+    return m.group("job") if m else None
+
+
+def job_of_checkpoint(uri: str) -> str | None:
+    """The resource name of the run holding a checkpoint folder `<root>/checkpoints/<uuid>`."""
+    return job_of_run(uri.rstrip("/").rsplit("/" + CHECKPOINTS_DIR + "/", 1)[0])
+
+
+def run_roots(store: Store, storage_uri: str | None, namespace: str | None, job: str | None = None) -> list[str]:
+    """Run roots of one resource -- folders named EXACTLY `<job>-<uid8>` or `<job>-local`, never
+    by prefix (so job `foo` never sees `foo-bar`'s runs) -- or, with job None, of every resource."""
+    base = namespace_root(storage_uri, namespace)
+    try:
+        names = store.children(base)
+    except NotFound:
+        return []
+    return [join(base, n) for n in names if job_of_run(n) is not None and (job is None or job_of_run(n) == job)]
+
+
+def _order(manifest: dict[str, Any]) -> tuple:
+    return (int(manifest.get("step", 0) or 0), str(manifest.get("created_at") or ""))
+
+
+def job_checkpoints(store: Store, storage_uri: str | None, namespace: str | None, job: str) -> list[dict[str, Any]]:
+    """Every complete checkpoint of a job over all its run roots, oldest first (by step, then time)."""
+    found = [m for root in run_roots(store, storage_uri, namespace, job) for m in list_checkpoints(store, root)]
+    return sorted(found, key=_order)
+
+
+def checkpoint_uuid(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("uuid") or manifest["uri"].rstrip("/").rsplit("/", 1)[-1])
+
+
+def newest_checkpoint(store: Store, storage_uri: str | None, namespace: str | None, job: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint of a job (highest step, then latest created_at), or None."""
+    found = job_checkpoints(store, storage_uri, namespace, job)
+    return found[-1] if found else None
+
+
+def find_checkpoint(
+    store: Store, storage_uri: str | None, namespace: str | None, uuid: str, job: str | None = None
+) -> dict[str, Any] | None:
+    """The manifest (with `uri`) of the complete checkpoint `uuid`: in `job`'s run roots, or with
+    job None in any run root of the namespace."""
+    for root in run_roots(store, storage_uri, namespace, job):
+        folder = checkpoint_uri(root, uuid)
+        try:
+            manifest = store.read_json(join(folder, MANIFEST_FILE))
+        except (NotFound, ValueError):
+            continue
+        manifest["uri"] = folder
+        return manifest
+    return None
+
+
+def _too_large(uri: str, size: int, limit: int) -> str:
+    return f"{uri}: {size} bytes, over the limit of {limit} bytes: not read"

@@ -127,6 +127,20 @@ def evaluate_rule(rule: str, value: Any, old: Any = None) -> bool:
     return bool(result) if isinstance(result, (bool, int)) or type(result).__name__ == "BoolType" else False
 
 
+def evaluate_message(rule: dict[str, Any], value: Any) -> str:
+    """A refused rule's message: its messageExpression evaluated on `self` when it has one (as the
+    apiserver does), else -- or when that fails -- the fixed message."""
+    expr = rule.get("messageExpression")
+    if expr:
+        try:
+            text = _program(expr).evaluate({"self": _cel_value(value)})
+            if str(text).strip():
+                return str(text)
+        except Exception:  # noqa: BLE001 - the apiserver falls back to `message` too
+            pass
+    return rule["message"]
+
+
 def _walk(schema: dict[str, Any], value: Any, old: Any, path: str, problems: list[Problem]) -> None:
     for rule in schema.get(CEL_KEY, []):
         transition = "oldSelf" in rule["rule"]
@@ -134,7 +148,7 @@ def _walk(schema: dict[str, Any], value: Any, old: Any, path: str, problems: lis
             continue
         if not evaluate_rule(rule["rule"], value, old if transition else None):
             where = path + rule.get("fieldPath", "")
-            problems.append(Problem(where, rule["message"]))
+            problems.append(Problem(where, evaluate_message(rule, value)))
     if isinstance(value, dict):
         for name, sub in schema.get("properties", {}).items():
             if name in value:

@@ -90,9 +90,9 @@ def bench_diffusers(bundle, args, bs: int, dtype) -> dict:
     """A plain StableDiffusionPipeline call per batch: same modules, dtype, scheduler, steps, size."""
     import torch
 
-    from tinv.trainer import generate as G
+    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
 
-    pipe = bundle.pipeline(G.make_scheduler(args.scheduler, G.scheduler_config(bundle)))
+    pipe = bundle.pipeline(E.make_scheduler(args.scheduler, E.scheduler_config(bundle)))
     pipe.set_progress_bar_config(disable=True)
     ps = prompts(bs)
     counter = [0]
@@ -112,14 +112,14 @@ def bench_diffusers(bundle, args, bs: int, dtype) -> dict:
 
 
 def bench_tinv(engine, args, bs: int) -> dict:
-    from tinv.trainer import generate as G
+    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
 
     ps = prompts(bs)
     counter = [0]
 
     def call():
         counter[0] += 1
-        reqs = [G.Request(prompt=p, negative_prompt="", seed=1000 * counter[0] + i, guidance_scale=args.guidance,
+        reqs = [grids.Request(prompt=p, negative_prompt="", seed=1000 * counter[0] + i, guidance_scale=args.guidance,
                           steps=args.steps, scheduler=args.scheduler, width=args.size, height=args.size) for i, p in enumerate(ps)]
         return engine.render(reqs)
 
@@ -134,7 +134,7 @@ def bench_tinv(engine, args, bs: int) -> dict:
 def bench_grid(args, bs: int, compile_: bool) -> dict:
     """`tinv generate` end to end on a synthetic grid (PNG + metadata + writes + progress + gallery)."""
     from tinv.api.models import GenerationGrid
-    from tinv.trainer import generate as G
+    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
 
     n_prompts = max(1, math.ceil(max(args.images, 2 * bs) / 4))
     with tempfile.TemporaryDirectory(prefix="tinv-bench-grid-") as tmp:
@@ -189,10 +189,10 @@ def main() -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
-    from tinv.trainer import generate as G
+    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
     from tinv.trainer import models
 
-    dtype = G.pick_dtype(args.precision, torch.device(args.device))
+    dtype = runtime.pick_dtype(args.precision, torch.device(args.device))
     base_cfg = {"model": args.model, "size": args.size, "steps": args.steps, "scheduler": args.scheduler,
                 "guidance": args.guidance, "precision": args.precision, "argv": " ".join(sys.argv[1:])}
     results = Results("generate", record=args.record, device=args.device)
@@ -212,7 +212,7 @@ def main() -> int:
                  images=r["batches"] * bs, peak_mib=r["peak_mib"])
             emit("generate_batch_latency_seconds", r["batch_latency"], "s", impl="diffusers", batch_size=bs, compile=False)
     for comp in compiles:
-        engine = G.Engine(bundle, [], device=args.device, precision=args.precision, compile=comp,
+        engine = E.Engine(bundle, [], device=args.device, precision=args.precision, compile=comp,
                           model_info={"source": model_source(args.model)})
         for bs in sizes:
             r = bench_tinv(engine, args, bs)

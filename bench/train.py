@@ -102,7 +102,7 @@ def run_naive(args) -> dict:
     ref, res = model_ref(args.model)
     device = torch.device(args.device)
     c = tiny.build_sd15_random(0, args.device) if args.model == "sd15" else tiny.build(ref)
-    bundle = models._from_components(ref, c)
+    bundle = models.from_components(ref, c)
     tok, te, vae, unet, sched = bundle.tokenizer, bundle.text_encoder, bundle.vae, bundle.unet, bundle.scheduler
     for m in (te, vae, unet):
         m.to(device)

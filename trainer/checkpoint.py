@@ -27,7 +27,7 @@ A checkpoint is the folder ``<run>/checkpoints/<uuid>/``:
        "format": "tinv.checkpoint/v1", "uri", "total_steps", "model": {"source","revision","variant"},
        "concepts": [{"token","vectors","initializer","property"}], "effective_batch_size",
        "learning_rate", "world_size", "embedding_width", "resumed_from", "file_sizes": {name: bytes},
-       "trainer": {"version"}}
+       "trainer": {"version"}, "determined": {"initializer_strs": {token: str}}}
 
 Retention: after each new checkpoint the newest ``checkpointsKept`` complete ones stay; older
 complete ones and incomplete leftovers (from a crash) are deleted. The newest complete one is
@@ -36,7 +36,6 @@ never deleted.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import tempfile
@@ -46,19 +45,18 @@ from pathlib import Path
 
 import torch
 
+from tinv.api import storage as api_storage
+
 from . import formats, storage
 from .errors import ConfigError, FormatError
+from .runtime import now, version
 
 log = logging.getLogger("tinv.trainer")
 
-STATE = "optimizer.pt"
-MANIFEST = "manifest.json"
+STATE = api_storage.OPTIMIZER_FILE
+MANIFEST = api_storage.MANIFEST_FILE
 STATE_FORMAT = "tinv.trainer-state/v1"
 MANIFEST_FORMAT = "tinv.checkpoint/v1"
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -69,8 +67,59 @@ class CheckpointRef:
     created_at: str | None = None
     loss: float | None = None
 
+    @classmethod
+    def from_manifest(cls, m: dict) -> "CheckpointRef":
+        return cls(api_storage.checkpoint_uuid(m), int(m.get("step", 0)), m["uri"], m.get("created_at"), m.get("loss"))
+
     def to_json(self) -> dict:
         return {"uuid": self.uuid, "step": self.step, "uri": self.uri, "created_at": self.created_at, "loss": self.loss}
+
+
+# ---------------------------------------------------------------------------- what a checkpoint holds
+
+
+def training_state(*, step: int, global_batch: int, seed: int, vocab, weights: torch.Tensor, optimizer, scaler, loss_history: list[float]) -> dict:
+    """optimizer.pt: everything an exact continuation needs (see the module doc)."""
+    return {
+        "format": STATE_FORMAT,
+        "step": step,
+        "samples_seen": step * global_batch,
+        "seed": seed,
+        "global_batch": global_batch,
+        "tokens": [c.token for c in vocab.concepts],
+        "vectors": [c.vectors for c in vocab.concepts],
+        "embeddings": {"text_encoder": weights.clone()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
+        "loss_history": loss_history[-1000:],
+    }
+
+
+def manifest(*, job, model_source: str, loss: float | None, vocab, total_steps: int, global_batch: int, learning_rate: float,
+             world_size: int, width: int, resumed_from: str | None) -> dict:
+    """manifest.json's keys beyond uuid/step/created_at/uri/files (which :func:`write` adds)."""
+    spec, md = job.spec, job.metadata
+    return {
+        "loss": loss,
+        "job": {"name": md.name, "namespace": md.namespace, "uid": md.uid},
+        "tokens": {c.token: c.vectors for c in vocab.concepts},
+        "hyperparameters": spec.training.model_dump(mode="json", by_alias=True),
+        "total_steps": total_steps,
+        "model": {"source": model_source, "revision": spec.model.revision, "variant": spec.model.variant},
+        "concepts": [
+            {"token": c.token, "vectors": c.vectors, "initializer": c.initializer, "property": sc.property}
+            for c, sc in zip(vocab.concepts, spec.concepts)
+        ],
+        "effective_batch_size": global_batch,
+        "learning_rate": learning_rate,
+        "world_size": world_size,
+        "embedding_width": width,
+        "resumed_from": resumed_from,
+        "trainer": {"version": version()},
+        # learned_embeddings_dict.pt carries, per token, an initializer_strs of exactly as many
+        # tokens as it has vectors: the Determined pipeline recounts the vectors from it.
+        "determined": {"initializer_strs": {c.token: vocab.initializer_text(c) for c in vocab.concepts}},
+    }
 
 
 def write(
@@ -86,7 +135,7 @@ def write(
 ) -> CheckpointRef:
     """Write one checkpoint folder (embedding files, optimizer.pt, then manifest.json)."""
     cid = str(_uuid.uuid4())
-    uri = storage.join(run, "checkpoints", cid)
+    uri = api_storage.checkpoint_uri(run, cid)
     with tempfile.TemporaryDirectory(prefix="tinv-ckpt-") as tmp:
         folder = Path(tmp)
         names = formats.write_all(folder, embeddings, initializers, step, manifest.get("model", {}).get("source"), star_id)
@@ -98,30 +147,17 @@ def write(
             sizes[name] = (folder / name).stat().st_size
             store.upload_file(storage.join(uri, name), folder / name)
     created = now()
-    doc = {
-        "format": MANIFEST_FORMAT,
-        "uuid": cid,
-        "step": step,
-        "created_at": created,
-        "uri": uri,
-        **manifest,
-        "files": files,
-        "file_sizes": sizes,
-    }
+    doc = {"format": MANIFEST_FORMAT, "uuid": cid, "step": step, "created_at": created, "uri": uri, **manifest, "files": files, "file_sizes": sizes}
     store.write_bytes(storage.join(uri, MANIFEST), json.dumps(doc, indent=2).encode())
     return CheckpointRef(uuid=cid, step=step, uri=uri, created_at=created, loss=manifest.get("loss"))
 
 
 def list_checkpoints(store: storage.Store, run: str) -> tuple[list[CheckpointRef], list[str]]:
-    """(complete checkpoints oldest first, uris of incomplete folders)."""
+    """(complete checkpoints oldest first, uris of incomplete folders) of one run root."""
     base = storage.join(run, storage.CHECKPOINTS_DIR)
-    complete, incomplete = [], []
-    for m in storage.list_checkpoints(store, run):
-        complete.append(CheckpointRef(m["uuid"] if "uuid" in m else m["uri"].rsplit("/", 1)[-1], int(m.get("step", 0)), m["uri"], m.get("created_at"), m.get("loss")))
+    complete = [CheckpointRef.from_manifest(m) for m in api_storage.list_checkpoints(store, run)]
     done = {r.uuid for r in complete}
-    for cid in store.children(base):
-        if cid not in done:
-            incomplete.append(storage.join(base, cid))
+    incomplete = [storage.join(base, cid) for cid in store.children(base) if cid not in done]
     return complete, incomplete
 
 
@@ -132,13 +168,14 @@ def prune(store: storage.Store, run: str, keep: int) -> list[CheckpointRef]:
     for ref in complete[:-keep]:
         log.info("deleting old checkpoint %s (step %d)", ref.uuid, ref.step)
         store.delete_prefix(ref.uri)
-    newest = complete[-1] if complete else None
-    for uri in incomplete:
-        # Only leftovers older than the newest complete checkpoint: nothing else writes here.
-        if newest is not None:
+    if complete:  # only leftovers older than the newest complete checkpoint: nothing else writes here
+        for uri in incomplete:
             log.info("deleting incomplete checkpoint folder %s", uri)
             store.delete_prefix(uri)
     return complete[-keep:]
+
+
+# ---------------------------------------------------------------------------- reading back
 
 
 @dataclass
@@ -156,7 +193,6 @@ def load(store: storage.Store, uri: str) -> Loaded:
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     if Path(name).suffix in (".pt", ".bin", ".safetensors"):
         return Loaded(uri, formats.read_embeddings(uri, store), None, None)
-    manifest = state = None
     try:
         manifest = json.loads(store.read_bytes(storage.join(uri, MANIFEST)))
     except storage.NotFound:
@@ -174,43 +210,134 @@ def load(store: storage.Store, uri: str) -> Loaded:
         raise FormatError(f"cannot read {storage.join(uri, STATE)}: {e}") from e
     if state is not None and state.get("format") != STATE_FORMAT:
         raise FormatError(f"{storage.join(uri, STATE)}: not a tinv trainer state (format {state.get('format')!r})")
-    emb = formats.read_embeddings(uri, store)
-    return Loaded(uri, emb, state, manifest)
+    return Loaded(uri, formats.read_embeddings(uri, store), state, manifest)
 
 
 def resolve(store: storage.Store, run: str, storage_root: str | None, namespace: str, resume_from) -> str | None:
     """The URI a spec.resumeFrom points at (a checkpoint folder or an embedding file).
 
     - checkpoint with '://' or a path separator: used as is (a folder or a file)
-    - checkpoint uuid: looked up in this job's run folder, then in `job`'s folders
-    - job only: that job's newest complete checkpoint (its run folder is found by name:
-      ``<root>/<namespace>/<job>-*``; the newest checkpoint across matches wins)
+    - checkpoint uuid: looked up in this job's run folder, or in `job`'s run folders
+    - job only: that job's newest complete checkpoint (tinv.api.storage's resolver: run folders
+      named exactly ``<job>-<uid8>`` / ``<job>-local``, newest by step, then time)
     """
     if resume_from is None:
         return None
-    ck = getattr(resume_from, "checkpoint", None)
-    job = getattr(resume_from, "job", None)
+    ck, job = resume_from.checkpoint, resume_from.job
     if ck and ("://" in ck or "/" in ck or ck.endswith((".pt", ".bin", ".safetensors"))):
         return ck
-    candidates = [run] if not job else []
-    if job:
-        root = storage.join(storage_root or "tinv-runs", namespace)
-        try:
-            names = set(store.children(root))
-        except storage.StorageError:
-            names = set()
-        candidates += [storage.join(root, n) for n in sorted(names) if n.startswith(f"{job}-")]
-    best: CheckpointRef | None = None
-    for r in candidates:
-        complete, _ = list_checkpoints(store, r)
-        for ref in complete:
-            if ck and ref.uuid == ck:
-                return ref.uri
-            if not ck and (best is None or (ref.step, ref.created_at or "") > (best.step, best.created_at or "")):
-                best = ref
     if ck:
-        where = f"job {job!r}" if job else "this job"
-        raise ConfigError(f"resumeFrom.checkpoint {ck!r}: no complete checkpoint with that uuid in {where}")
-    if best is None:
-        raise ConfigError(f"resumeFrom.job {job!r}: no complete checkpoint found for that job")
-    return best.uri
+        if job:
+            m = api_storage.find_checkpoint(store, storage_root, namespace, ck, job=job)
+        else:
+            own = [r for r in list_checkpoints(store, run)[0] if r.uuid == ck]
+            m = {"uri": own[0].uri} if own else None
+        if m is not None:
+            return m["uri"]
+        where = f"job {job!r}" if job else "this job's run folder"
+        hint = ""
+        elsewhere = api_storage.find_checkpoint(store, storage_root, namespace, ck)
+        if elsewhere is not None:
+            owner = api_storage.job_of_checkpoint(elsewhere["uri"])
+            hint = f". It belongs to job {owner!r} ({elsewhere['uri']}): set resumeFrom.job: {owner}, or give that URI as resumeFrom.checkpoint"
+        elif not job:
+            hint = ". A checkpoint of another job needs resumeFrom.job (that job's name) beside the uuid, or the checkpoint folder's URI"
+        raise ConfigError(f"resumeFrom.checkpoint {ck!r}: no complete checkpoint with that uuid in {where}{hint}")
+    m = api_storage.newest_checkpoint(store, storage_root, namespace, job)
+    if m is None:
+        roots = api_storage.run_roots(store, storage_root, namespace, job)
+        where = api_storage.namespace_root(storage_root, namespace)
+        raise ConfigError(
+            f"resumeFrom.job {job!r}: no complete checkpoint found for that job under {where} "
+            f"({'its run folders hold none yet' if roots else f'no run folder {job}-<uid8> or {job}-local'})"
+        )
+    return m["uri"]
+
+
+@dataclass
+class Start:
+    """Where a run starts: its own newest checkpoint (a retried pod), a resumeFrom source, or nothing."""
+
+    source_uri: str | None = None
+    mode: str = "continue"  # continue | fork
+    own: CheckpointRef | None = None  # this run's newest complete checkpoint, if any
+    loaded: Loaded | None = None
+
+    def saved(self) -> str:
+        """What a retry would continue from, for the line printed when the run stops early."""
+        if self.own is not None:
+            return f"nothing new saved; checkpoint {self.own.uuid} (step {self.own.step}) is kept and a retry continues from it"
+        return "nothing saved (no step had run); a retry starts over"
+
+
+def find_start(store: storage.Store, run: str, *, storage_root: str | None, namespace: str, resume_from, auto_resume: bool) -> Start:
+    """This run's own newest checkpoint first (so a retried pod continues), else spec.resumeFrom."""
+    own = list_checkpoints(store, run)[0]
+    start = Start(own=own[-1] if own else None)
+    if auto_resume and own:
+        start.source_uri = own[-1].uri
+        log.info("continuing this run from its newest checkpoint %s (step %d)", own[-1].uuid, own[-1].step)
+    elif resume_from is not None:
+        start.source_uri = resolve(store, run, storage_root, namespace, resume_from)
+        start.mode = resume_from.mode
+        log.info("%s from %s", "continuing" if start.mode == "continue" else "forking", start.source_uri)
+    if start.source_uri:
+        start.loaded = load(store, start.source_uri)
+    return start
+
+
+@dataclass
+class Restored:
+    vectors: torch.Tensor  # [rows, width] fp32: the new rows to train from
+    step: int  # the step to continue at
+    state: dict | None  # optimizer.pt of a continued run (optimizer, scaler, loss history)
+
+
+def restore(start: Start, vocab, init: torch.Tensor) -> Restored:
+    """The starting vectors and step: `init` (the initializers' vectors) unless the start source
+    provides them. Says, for each concept, what was taken from where."""
+    loaded = start.loaded
+    if loaded is None:
+        return Restored(init, 0, None)
+    uri = loaded.uri
+    state = loaded.state if start.mode == "continue" else None
+    tokens_now = [c.token for c in vocab.concepts]
+    vectors_now = [c.vectors for c in vocab.concepts]
+    if state is not None:
+        if list(state["tokens"]) != tokens_now or list(state["vectors"]) != vectors_now:
+            raise ConfigError(
+                f"cannot continue {uri}: it has concepts {state['tokens']} with vectors {state['vectors']}, "
+                f"this job {tokens_now} with {vectors_now} (use resumeFrom.mode: fork to start new concepts from its embeddings)"
+            )
+        return Restored(state["embeddings"]["text_encoder"].float().clone(), int(state["step"]), state)
+    out = init.clone()
+    found = 0
+    for c in vocab.concepts:
+        off, n = vocab.offsets[c.token], c.vectors
+        e, source_token = loaded.embeddings.get(c.token), c.token
+        if e is None and len(loaded.embeddings) == 1 and len(vocab.concepts) == 1:
+            source_token, e = next(iter(loaded.embeddings.items()))  # a single-concept file under another name
+        if e is None:
+            log.warning(
+                "%r starts from its initializer %r: %s has no embedding for it (it has %s)",
+                c.token, c.initializer, uri, ", ".join(map(repr, sorted(loaded.embeddings))),
+            )
+            continue
+        if isinstance(e, dict):
+            raise ConfigError(f"{uri} holds SDXL embeddings (clip_l/clip_g); this model is SD 1.x/2.x")
+        if e.shape != (n, out.shape[1]):
+            raise ConfigError(
+                f"embedding for {source_token!r} in {uri} has shape {tuple(e.shape)}, this job needs ({n}, {out.shape[1]}) for {c.token!r}: "
+                "set the concept's vectors to match, or use a model of the same width"
+            )
+        out[off : off + n] = e
+        found += 1
+        if source_token != c.token:
+            log.warning("%r starts from the vectors of %r, the only concept of %s (another token's vectors, renamed)", c.token, source_token, uri)
+        else:
+            log.info("%r starts from its vectors in %s", c.token, uri)
+    if found == 0:
+        raise ConfigError(f"{uri} has no embedding for any concept of this job (it has {sorted(loaded.embeddings)})")
+    if start.mode == "continue":
+        log.warning("%s is not a tinv checkpoint with optimizer state: starting at step 0 from its embeddings", uri)
+    return Restored(out, 0, None)

@@ -10,8 +10,10 @@
 
 Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m tinv.trainer train JOB.yaml``.
 
-Exit codes are those of :mod:`tinv.trainer.errors`: 0 ok, 1 internal error, 2 invalid input,
-69 dependency unreachable, 75 pre-empted after a checkpoint (retry resumes), 130 Ctrl-C.
+Exit codes are the contract's (:class:`tinv.api.models.ExitCode`): 0 ok, 1 internal error,
+2 invalid input, 69 dependency unreachable, 75 pre-empted (a retry resumes from the newest
+checkpoint; the last line says what was saved), 130 Ctrl-C. Every command's errors are mapped to
+them in ONE place, :func:`outcome_of`, and :func:`main` is the one dispatcher.
 """
 
 from __future__ import annotations
@@ -21,32 +23,51 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
 
 # The trainer extra: without it this import fails, and tinv.api.cli answers with exit code 3 and
 # "pip install 'tinv[trainer]'" instead of a traceback.
 import torch  # noqa: F401
 
+from . import generate_cli
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
+from .runtime import Stopped, setup_logging
 
 log = logging.getLogger("tinv.trainer")
 
 
-def setup_logging(verbose: bool = False) -> None:
-    # transformers/diffusers chatter (e.g. "CLIPImageProcessor requires torchvision") is not for users.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "PIL", "filelock", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+@dataclass
+class Context:
+    """What a command tells the dispatcher: where its termination message goes (the operator reads it)."""
+
+    termination: Path | None = None
+
+
+@dataclass
+class Outcome:
+    code: int
+    reason: str
+    message: str
+    state: str  # the termination message's state: "failed", or "running" for a stopped run that a retry continues
+
+
+def outcome_of(e: BaseException) -> Outcome:
+    """The exit code, reason and message of any error a command raises -- the one mapping."""
+    from tinv.api.storage import StorageError
+    from tinv.api.validation import InvalidResource
+
+    if isinstance(e, Stopped):
+        return Outcome(e.exit_code, e.reason, str(e), "running")
+    if isinstance(e, TinvError):
+        return Outcome(e.exit_code, e.reason, str(e), "failed")
+    if isinstance(e, InvalidResource):
+        return Outcome(EXIT_INVALID, "InvalidSpec", str(e), "failed")
+    if isinstance(e, StorageError):  # object store unreachable, access denied, bucket missing
+        return Outcome(EXIT_UNAVAILABLE, "StorageUnreachable", str(e), "failed")
+    if isinstance(e, KeyboardInterrupt):
+        return Outcome(EXIT_INTERRUPTED, "Interrupted", "interrupted (Ctrl-C)", "running")
+    return Outcome(EXIT_INTERNAL, "InternalError", f"{type(e).__name__}: {e}", "failed")
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -75,77 +96,54 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(argv: list[str]) -> int:
+def cmd_train(argv: list[str], ctx: Context) -> int:
     args = _train_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from .reporting import termination_path, write_termination_message
+    from tinv.api.models import TextualInversionJob
+    from tinv.api.validation import load_resource
 
-    term = termination_path(args.termination_message_path)
+    from . import storage
+    from .runtime import termination_path, write_termination_message
+    from .train import Options, train
 
-    def fail(code: int, reason: str, message: str) -> int:
-        print(f"tinv train: {message}", file=sys.stderr)
-        write_termination_message(term, {"state": "failed", "exit_code": code, "reason": reason, "message": message})
-        return code
-
-    try:
-        from tinv.api.validation import InvalidResource, load_resource
-        from tinv.api.storage import StorageError
-
-        try:
-            job = load_resource(args.job)
-        except InvalidResource as e:
-            return fail(EXIT_INVALID, "InvalidSpec", str(e))
-        except OSError as e:
-            return fail(EXIT_INVALID, "InvalidSpec", f"cannot read {args.job}: {e.strerror or e}")
-        if job.kind != "TextualInversionJob":
-            return fail(EXIT_INVALID, "InvalidSpec", f"{args.job} is a {job.kind}; `tinv train` takes a TextualInversionJob")
-
-        from . import storage
-        from .train import Options, train
-
-        if args.fresh:
-            st = storage.Store(storage.S3Settings.from_spec(job.spec.storage))
-            md = job.metadata
-            root = storage.run_root(args.storage or job.spec.storage.uri, md.namespace, md.name or "job", md.uid)
-            log.info("--fresh: deleting %s", root)
-            st.delete_prefix(storage.join(root, storage.CHECKPOINTS_DIR))
-            st.delete(storage.join(root, storage.PROGRESS_FILE))
-        opts = Options(
-            device=args.device,
-            model=args.model,
-            storage=args.storage,
-            steps=args.steps,
-            micro_batch=args.micro_batch,
-            metrics_port=args.metrics_port,
-            termination_path=str(term) if term else None,
-            auto_resume=not args.no_resume,
-            progress_bar=args.progress,
-            validation=not args.no_validation,
-            compile=args.compile,
-            base_dir=os.path.dirname(os.path.abspath(args.job)),
-        )
-        result = train(job, opts)
-    except TinvError as e:
-        return fail(e.exit_code, e.reason, str(e))
-    except StorageError as e:  # object store unreachable, access denied, bucket missing
-        return fail(EXIT_UNAVAILABLE, "StorageUnreachable", str(e))
-    except KeyboardInterrupt:
-        return fail(EXIT_INTERRUPTED, "Interrupted", "interrupted")
-    except Exception as e:  # a bug or a hardware fault: keep the traceback in the log
-        traceback.print_exc()
-        return fail(EXIT_INTERNAL, "InternalError", f"{type(e).__name__}: {e}")
-    write_termination_message(term, result.summary())
+    ctx.termination = termination_path(args.termination_message_path)
+    job = load_resource(args.job, TextualInversionJob)
+    if args.fresh:
+        st = storage.Store(storage.S3Settings.from_spec(job.spec.storage))
+        md = job.metadata
+        root = storage.run_root(args.storage or job.spec.storage.uri, md.namespace, md.name or "job", md.uid)
+        log.info("--fresh: deleting %s", root)
+        st.delete_prefix(storage.join(root, storage.CHECKPOINTS_DIR))
+        st.delete(storage.join(root, storage.PROGRESS_FILE))
+    opts = Options(
+        device=args.device,
+        model=args.model,
+        storage=args.storage,
+        steps=args.steps,
+        micro_batch=args.micro_batch,
+        metrics_port=args.metrics_port,
+        termination_path=str(ctx.termination) if ctx.termination else None,
+        auto_resume=not args.no_resume,
+        progress_bar=args.progress,
+        validation=not args.no_validation,
+        compile=args.compile,
+        base_dir=os.path.dirname(os.path.abspath(args.job)),
+    )
+    result = train(job, opts)
+    write_termination_message(ctx.termination, result.summary())
+    latest = result.latest
     if result.exit_code == EXIT_OK:
-        latest = result.latest
         print(
             f"done: step {result.step}/{result.total_steps}, loss {result.loss if result.loss is None else round(result.loss, 5)}; "
             f"latest checkpoint {latest.uuid if latest else '-'} at {latest.uri if latest else result.run_uri}",
             file=sys.stderr,
         )
+    else:
+        print(f"tinv train: {result.phase.lower()}: {result.message}", file=sys.stderr)
     return result.exit_code
 
 
-def cmd_samples(argv: list[str]) -> int:
+def cmd_samples(argv: list[str], ctx: Context) -> int:
     p = argparse.ArgumentParser(prog="python -m tinv.trainer samples", description="Draw det-logo sample images.")
     p.add_argument("out")
     p.add_argument("--count", type=int, default=8)
@@ -159,17 +157,13 @@ def cmd_samples(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(argv: list[str]) -> int:
+def cmd_inspect(argv: list[str], ctx: Context) -> int:
     p = argparse.ArgumentParser(prog="python -m tinv.trainer inspect", description="Show the tokens and shapes in an embedding file or checkpoint.")
     p.add_argument("location")
     a = p.parse_args(argv)
     from .formats import read_embeddings
 
-    try:
-        emb = read_embeddings(a.location)
-    except TinvError as e:
-        print(f"inspect: {e}", file=sys.stderr)
-        return e.exit_code
+    emb = read_embeddings(a.location)
     for tok, e in emb.items():
         if isinstance(e, dict):
             print(tok, {k: tuple(v.shape) for k, v in e.items()})
@@ -178,7 +172,7 @@ def cmd_inspect(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def cmd_tiny_model(argv: list[str]) -> int:
+def cmd_tiny_model(argv: list[str], ctx: Context) -> int:
     p = argparse.ArgumentParser(prog="python -m tinv.trainer tiny-model", description="Write builtin:tiny as a diffusers folder.")
     p.add_argument("out")
     p.add_argument("--variant", default="tiny", choices=["tiny", "tiny-v"])
@@ -191,22 +185,20 @@ def cmd_tiny_model(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": cmd_train,
-    "generate": lambda argv: _generate_cli().cmd_generate(argv),
-    "reproduce": lambda argv: _generate_cli().cmd_reproduce(argv),
+    "generate": generate_cli.cmd_generate,
+    "reproduce": generate_cli.cmd_reproduce,
     "samples": cmd_samples,
     "inspect": cmd_inspect,
     "tiny-model": cmd_tiny_model,
 }
 
 
-def _generate_cli():
-    from . import generate_cli
-
-    return generate_cli
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it."""
+    """The one dispatcher; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it.
+    Whatever a command raises becomes one line on stderr, the termination message and the exit
+    code of :func:`outcome_of`."""
+    from .runtime import write_termination_message
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -215,4 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     if cmd is None:
         print(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return EXIT_INVALID
-    return cmd(argv[1:])
+    ctx = Context()
+    try:
+        return cmd(argv[1:], ctx)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every error ends here, mapped once
+        out = outcome_of(e)
+        if out.code == EXIT_INTERNAL:  # a bug or a hardware fault: keep the traceback in the log
+            traceback.print_exc()
+        print(f"tinv {argv[0]}: {out.message}", file=sys.stderr, flush=True)
+        write_termination_message(ctx.termination, {"state": out.state, "exit_code": out.code, "reason": out.reason,
+                                                    "message": out.message[:2000]})
+        e.reported = True  # a stop watchdog (runtime.StopFlag) must not say it twice
+        return out.code

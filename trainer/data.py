@@ -3,7 +3,9 @@
 Images come from a local folder, ``file://``, ``pvc://claim/path`` or an ``s3://`` prefix (downloaded
 once into the cache). Every common mode is normalised to 8-bit RGB: EXIF rotation applied,
 transparency composited on white, CMYK/palette/greyscale converted, 16-bit and float images
-rescaled. A file that is not an image, is empty or is corrupt is skipped with a warning naming
+rescaled. Transparency is composited on ``training.transparentBackground``: white (the default)
+or black (what diffusers' textual_inversion.py gives fully transparent pixels: it drops the alpha
+channel, and PNG encoders store such pixels as black). A file that is not an image, is empty or is corrupt is skipped with a warning naming
 it; zero usable images is a :class:`DataError` raised before any model is loaded.
 
 Prompts: a concept's templates (its own, or the 27 "object" / 19 "style" ones), plus
@@ -137,8 +139,11 @@ def caption_from_name(name: str, split_char: str) -> str:
     return " ".join(w for w in stem.split(split_char) if w)
 
 
-def normalise(img: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB, upright, transparency flattened on white."""
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def normalise(img: Image.Image, background: str = "white") -> Image.Image:
+    """Any PIL image -> 8-bit RGB, upright, transparency composited on `background` (white or black)."""
     img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -160,7 +165,7 @@ def normalise(img: Image.Image) -> Image.Image:
     elif mode in ("LA", "PA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
-        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg = Image.new("RGB", img.size, BACKGROUNDS[background])
         bg.paste(img, mask=img.getchannel("A"))
         return bg
     if img.mode != "RGB":  # L, 1, CMYK, YCbCr, LAB, HSV
@@ -180,7 +185,7 @@ def fit(img: Image.Image, resolution: int, center_crop: bool, interpolation: str
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def load_image(path: Path) -> Image.Image | None:
+def load_image(path: Path, background: str = "white") -> Image.Image | None:
     """Open and fully decode an image; None (with a warning naming the file) when unusable."""
     try:
         if path.stat().st_size == 0:
@@ -192,7 +197,7 @@ def load_image(path: Path) -> Image.Image | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                out = normalise(im)
+                out = normalise(im, background)
         ImageFile.LOAD_TRUNCATED_IMAGES = prev
         if out.size[0] < 1 or out.size[1] < 1:
             log.warning("skipping %s: the image has no pixels", path)
@@ -245,7 +250,10 @@ def list_images(folder: Path) -> list[Path]:
     return out
 
 
-def build_dataset(concepts: list, resolution: int, center_crop: bool, interpolation: str, store=None, base_dir: Path | None = None) -> Dataset:
+def build_dataset(
+    concepts: list, resolution: int, center_crop: bool, interpolation: str, store=None, base_dir: Path | None = None,
+    background: str = "white",
+) -> Dataset:
     """Load every concept's images (see module doc). `concepts`: objects with token, property,
     images, templates, caption_from_filename, filename_split_char, num_blank_prompts, num_a_prompts."""
     ds = Dataset(pixels=[], concept=[], caption=[], names=[], templates=[], tokens=[])
@@ -259,7 +267,7 @@ def build_dataset(concepts: list, resolution: int, center_crop: bool, interpolat
         paths = list_images(folder)
         n_ok = 0
         for p in paths:
-            img = load_image(p)
+            img = load_image(p, background)
             if img is None:
                 continue
             ds.pixels.append(fit(img, resolution, center_crop, interpolation))

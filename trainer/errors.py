@@ -1,33 +1,22 @@
 """Errors the trainer reports to people, and the process exit codes they map to.
 
-Exit codes (the operator's retry policy reads them; keep in sync with its Job builder):
-
-====  ======================  =========================================================
-code  name                    meaning, and whether the operator should retry
-====  ======================  =========================================================
-0     EXIT_OK                 training finished (or was already finished); not retried
-1     EXIT_INTERNAL           an unexpected error (a bug, CUDA fault, OOM); retryable
-2     EXIT_INVALID            bad config or input (spec, images, tokens, resume source);
-                              not retryable: the same input fails the same way
-69    EXIT_UNAVAILABLE        a dependency could not be reached (Hugging Face hub, object
-                              storage); retryable with back-off
-75    EXIT_PREEMPTED          SIGTERM received: a checkpoint was written, then the process
-                              exited; retryable, and the retry resumes from that checkpoint
-130   EXIT_INTERRUPTED        SIGINT (Ctrl-C) on a terminal: checkpoint written, stopped
-====  ======================  =========================================================
+The exit codes are the contract's (:class:`tinv.api.models.ExitCode`, which documents each one);
+they are repeated here by name only, for the trainer's modules.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_INVALID = 2
-EXIT_UNAVAILABLE = 69
-EXIT_PREEMPTED = 75
-EXIT_INTERRUPTED = 130
+from tinv.api.models import ExitCode
+
+EXIT_OK = ExitCode.OK
+EXIT_INTERNAL = ExitCode.INTERNAL
+EXIT_INVALID = ExitCode.INVALID
+EXIT_UNAVAILABLE = ExitCode.UNAVAILABLE
+EXIT_PREEMPTED = ExitCode.PREEMPTED
+EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 #: Exit codes after which a retry may succeed (the operator's podFailurePolicy input).
-RETRYABLE_EXIT_CODES = (EXIT_INTERNAL, EXIT_UNAVAILABLE, EXIT_PREEMPTED)
+RETRYABLE_EXIT_CODES = ExitCode.RETRYABLE
 
 
 class TinvError(Exception):

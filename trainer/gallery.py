@@ -34,6 +34,9 @@ from typing import Sequence
 
 from tinv.api import storage as api_storage
 
+from .grid import axis_values
+from .runtime import now
+
 log = logging.getLogger("tinv.trainer")
 
 INDEX_FORMAT = "tinv.grid-index/v1"
@@ -155,7 +158,6 @@ def build(store, grid, images: Sequence, images_uri: str, *, retries: int = 2) -
 
 
 def _build_once(store, grid, images: Sequence, images_uri: str, present: set[str]) -> Built:
-    from .generate import put
 
     loaded = _read_images(store, images_uri, sorted(present))
     spec = grid.spec
@@ -177,7 +179,7 @@ def _build_once(store, grid, images: Sequence, images_uri: str, present: set[str
         buf = io.BytesIO()
         sheet.save(buf, format="PNG", compress_level=6)
         name = f"{SHEETS_DIR}/p{pi:03d}.png"
-        put(store, api_storage.join(images_uri, name), buf.getvalue(), "image/png")
+        store.write_bytes(api_storage.join(images_uri, name), buf.getvalue(), content_type="image/png")
         sheets.append({"prompt_index": pi, "prompt": prompt, "file": name})
     md = grid.metadata
     rows = []
@@ -188,9 +190,8 @@ def _build_once(store, grid, images: Sequence, images_uri: str, present: set[str
             "scheduler": img.scheduler, "width": img.width, "height": img.height, "seed": img.seed,
             "seed_base": img.seed_base, "image_in_cell": img.k, "present": img.filename in present,
         })
-    from .generate import _axis_values, _now
 
-    axes = _axis_values(spec)
+    axes = axis_values(spec)
     axes["sizes"] = [f"{w}x{h}" for w, h in axes["sizes"]]
     index = {
         "format": INDEX_FORMAT,
@@ -205,12 +206,12 @@ def _build_once(store, grid, images: Sequence, images_uri: str, present: set[str
         "complete": len(present) == len(images),
         "contact_sheets": sheets,
         "images": rows,
-        "updated_at": _now(),
+        "updated_at": now(),
     }
     index_uri = api_storage.join(images_uri, api_storage.INDEX_FILE)
     gallery_uri = api_storage.join(images_uri, api_storage.GALLERY_FILE)
-    put(store, index_uri, json.dumps(index, indent=2).encode(), "application/json")
-    put(store, gallery_uri, render_html(index).encode(), "text/html; charset=utf-8")
+    store.write_bytes(index_uri, json.dumps(index, indent=2).encode(), content_type="application/json")
+    store.write_bytes(gallery_uri, render_html(index).encode(), content_type="text/html; charset=utf-8")
     log.info("gallery: %d of %d images -> %s", len(present), len(images), gallery_uri)
     return Built(gallery_uri, index_uri, index["complete"], len(present), [s["file"] for s in sheets])
 

@@ -12,32 +12,20 @@ else the whole grid) into ``<storage>/<namespace>/<name>-<uid8>/images/``; run i
 skips every image already written. ``reproduce`` re-renders one image from the parameters in its
 PNG metadata and, with ``--check``, exits 1 unless the pixels are identical.
 
-Exit codes (:mod:`tinv.trainer.errors`): 0 ok, 1 internal error, 2 invalid input, 69 storage or
-hub unreachable, 75 pre-empted after the current batch was written (re-run to resume), 130 Ctrl-C.
+Errors become exit codes in :func:`tinv.trainer.cli.outcome_of` (the dispatcher): 0 ok, 1 internal
+error, 2 invalid input, 69 storage or hub unreachable, 75 pre-empted after the current batch was
+written (re-run to resume), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import traceback
 from pathlib import Path
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
-
-log = logging.getLogger("tinv.trainer")
-
-
-def _setup_logging(verbose: bool) -> None:
-    try:
-        from .cli import setup_logging
-    except Exception:  # noqa: BLE001 - the trainer CLI is another module; fall back to basic logging
-        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                            datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-        return
-    setup_logging(verbose)
+from .errors import EXIT_INTERNAL, EXIT_OK, ConfigError
+from .runtime import setup_logging
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -68,79 +56,46 @@ def _generate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _term(explicit: str | None):
-    try:
-        from .reporting import termination_path, write_termination_message
-    except Exception:  # noqa: BLE001
-        return None, lambda path, doc: None
-    return termination_path(explicit), write_termination_message
-
-
-def cmd_generate(argv: list[str]) -> int:
+def cmd_generate(argv: list[str], ctx) -> int:
     args = _generate_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    term, write_term = _term(args.termination_message_path)
-
-    def fail(code: int, reason: str, message: str) -> int:
-        print(f"tinv generate: {message}", file=sys.stderr)
-        write_term(term, {"state": "failed", "exit_code": code, "reason": reason, "message": message[:2000]})
-        return code
-
-    from tinv.api.storage import StorageError
-    from tinv.api.validation import InvalidResource, load_resource
+    setup_logging(args.verbose)
+    from tinv.api import storage as api_storage
     from tinv.api.models import GenerationGrid
+    from tinv.api.validation import load_resource
 
-    try:
-        grid = load_resource(args.grid, GenerationGrid)
-    except InvalidResource as e:
-        return fail(EXIT_INVALID, "InvalidSpec", str(e))
+    from . import grid as grids
+    from .runtime import termination_path, write_termination_message
 
-    from . import generate as G
-
-    try:
-        shard = G.parse_shard(args.shard) if args.shard else None
-        if args.dry_run or args.gallery_only:
-            images = G.expand(grid.spec)
-            i, n = G.shard_from_env(grid.spec, shard)
-            if args.dry_run:
-                mine = G.shard(images, i, n)
-                for img in mine:
-                    print(json.dumps({"index": img.index, "file": img.filename, "prompt_index": img.prompt_index,
-                                      "guidance_scale": img.guidance_scale, "steps": img.steps, "scheduler": img.scheduler,
-                                      "width": img.width, "height": img.height, "seed": img.seed}))
-                print(f"shard {i}/{n}: {len(mine)} of {len(images)} images", file=sys.stderr)
-                return EXIT_OK
-            from tinv.api import storage as api_storage
-
-            from . import gallery
-
-            store = api_storage.Store(api_storage.S3Settings.from_spec(grid.spec.storage))
-            images_uri = api_storage.join(G.grid_root(grid, args.storage), api_storage.IMAGES_DIR)
-            built = gallery.build(store, grid, images, images_uri)
-            print(f"gallery: {built.gallery_uri} ({built.present} of {len(images)} images)")
+    ctx.termination = termination_path(args.termination_message_path)
+    grid = load_resource(args.grid, GenerationGrid)
+    shard = grids.parse_shard(args.shard) if args.shard else None
+    if args.dry_run or args.gallery_only:
+        images = grids.expand(grid.spec)
+        i, n = grids.shard_from_env(grid.spec, shard)
+        if args.dry_run:
+            mine = grids.shard(images, i, n)
+            for img in mine:
+                print(json.dumps({"index": img.index, "file": img.filename, "prompt_index": img.prompt_index,
+                                  "guidance_scale": img.guidance_scale, "steps": img.steps, "scheduler": img.scheduler,
+                                  "width": img.width, "height": img.height, "seed": img.seed}))
+            print(f"shard {i}/{n}: {len(mine)} of {len(images)} images", file=sys.stderr)
             return EXIT_OK
-        opts = G.GridOptions(
-            shard=shard, device=args.device, precision=args.precision, batch_size=args.batch_size, model=args.model,
-            storage=args.storage, compile=args.compile, vae_batch=args.vae_batch, tensorboard=not args.no_tensorboard,
-            gallery=not args.no_gallery, force=args.force, progress_bar=args.progress,
-        )
-        result = G.run_grid(grid, opts)
-    except KeyboardInterrupt:
-        return fail(EXIT_INTERRUPTED, "Interrupted", "interrupted (Ctrl-C); the images written so far are kept")
-    except TinvError as e:
-        code = e.exit_code
-        if code == 75:
-            print(f"tinv generate: {e}", file=sys.stderr)
-            write_term(term, {"state": "running", "exit_code": code, "reason": e.reason, "message": str(e)})
-            return code
-        return fail(code, e.reason, str(e))
-    except StorageError as e:
-        return fail(EXIT_UNAVAILABLE, "StorageUnreachable", str(e))
-    except Exception as e:  # noqa: BLE001 - a bug or a device fault: say so, retryable
-        traceback.print_exc()
-        return fail(EXIT_INTERNAL, "InternalError", f"{type(e).__name__}: {e}")
-    summary = result.summary()
-    write_term(term, {**summary, "exit_code": 0, "reason": "Completed"})
+        from . import gallery
+
+        store = api_storage.Store(api_storage.S3Settings.from_spec(grid.spec.storage))
+        images_uri = api_storage.join(grids.grid_root(grid, args.storage), api_storage.IMAGES_DIR)
+        built = gallery.build(store, grid, images, images_uri)
+        print(f"gallery: {built.gallery_uri} ({built.present} of {len(images)} images)")
+        return EXIT_OK
+    from .generate import GridOptions, run_grid
+
+    opts = GridOptions(
+        shard=shard, device=args.device, precision=args.precision, batch_size=args.batch_size, model=args.model,
+        storage=args.storage, compile=args.compile, vae_batch=args.vae_batch, tensorboard=not args.no_tensorboard,
+        gallery=not args.no_gallery, force=args.force, progress_bar=args.progress,
+    )
+    result = run_grid(grid, opts)
+    write_termination_message(ctx.termination, {**result.summary(), "exit_code": 0, "reason": "Completed"})
     rate = f", {result.images_per_second:.2f} images/s" if result.images_per_second else ""
     print(f"shard {result.shard[0]}/{result.shard[1]}: {result.rendered} rendered, {result.skipped} already there "
           f"({result.shard_total} of {result.images_total} grid images){rate}")
@@ -167,38 +122,27 @@ def _reproduce_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_reproduce(argv: list[str]) -> int:
+def cmd_reproduce(argv: list[str], ctx) -> int:
     args = _reproduce_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from tinv.api import storage as api_storage
 
-    from . import generate as G
+    from . import pngmeta
+    from .engine import reproduce
 
     store = api_storage.Store()
     try:
         data = store.read_bytes(args.image)
     except api_storage.NotFound:
-        print(f"tinv reproduce: {args.image}: no such file", file=sys.stderr)
-        return EXIT_INVALID
-    except api_storage.StorageError as e:
-        print(f"tinv reproduce: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    try:
-        meta = G.read_png_metadata(data)
-        if args.print_meta:
-            print(json.dumps(meta, indent=2))
-            return EXIT_OK
-        pixels, new_meta = G.reproduce(meta, device=args.device, single=args.single, store=store)
-    except TinvError as e:
-        print(f"tinv reproduce: {e}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        print(f"tinv reproduce: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+        raise ConfigError(f"{args.image}: no such file") from None
+    meta = pngmeta.read_png_metadata(data)
+    if args.print_meta:
+        print(json.dumps(meta, indent=2))
+        return EXIT_OK
+    pixels, new_meta = reproduce(meta, device=args.device, single=args.single, store=store)
     out = args.out or f"{Path(args.image.rsplit('/', 1)[-1]).stem}.reproduced.png"
-    G.put(store, out, G.encode_png(pixels, new_meta), "image/png")
-    original = G.decode_png(data)
+    store.write_bytes(out, pngmeta.encode_png(pixels, new_meta), content_type="image/png")
+    original = pngmeta.decode_png(data)
     same = original.shape == pixels.shape and bool((original == pixels).all())
     if same:
         verdict = "identical pixels"

@@ -14,6 +14,11 @@
   (``$TINV_HUB_TIMEOUT``, default 10 s) so an unreachable hub fails fast with
   :class:`UnavailableError` instead of hanging in retries.
 
+Loading has two steps, so that model-dependent checks (a concept token already in the vocabulary)
+run from the tokenizer alone, before any weights are read: :func:`locate` (download or find the
+folder; build a builtin), then :meth:`Located.tokenizer` and :meth:`Located.load`. :func:`load`
+does both.
+
 The result is a :class:`ModelBundle`. SD 1.x and 2.x have one text encoder; the bundle keeps a
 *list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite.
 """
@@ -29,11 +34,13 @@ import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import storage
 from .errors import ModelError, UnavailableError
+from .runtime import hf_token
 
 log = logging.getLogger("tinv.trainer")
 
@@ -94,7 +101,8 @@ class ModelBundle:
         )
 
 
-def _from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+def from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+    """A bundle over already built components (tokenizer, text_encoder, vae, unet, scheduler)."""
     return ModelBundle(
         source=source,
         family="sd",
@@ -135,7 +143,7 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
     for m in (text_encoder, vae, unet):
         m.eval()
         m.requires_grad_(False)
-    return _from_components(
+    return from_components(
         source,
         {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler},
         str(path),
@@ -241,6 +249,81 @@ def is_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(source).exists()
 
 
+def _tiny(source: str) -> dict:
+    from . import tiny
+
+    return tiny.build(source)
+
+
+#: builtin:<name> models built in code: name -> components (tokenizer, text_encoder, vae, unet, scheduler).
+BUILTINS: dict[str, Callable[[str], dict]] = {
+    "tiny": _tiny,
+    "tiny-v": _tiny,
+    "sd15-random": _tiny,  # SD 1.5's architecture with random weights: benchmarks only
+}
+
+
+def builtin_name(source: str) -> str:
+    """'builtin:tiny-v?seed=3' -> 'tiny-v'."""
+    return source.split(":", 1)[1].partition("?")[0]
+
+
+@dataclass
+class Located:
+    """A model found on this machine (downloaded when it had to be), not loaded yet."""
+
+    source: str
+    variant: str | None = None
+    path: Path | None = None  # a diffusers folder
+    components: dict | None = None  # a builtin, built in code
+
+    def tokenizer(self):
+        """The model's tokenizer alone (no weights read)."""
+        if self.components is not None:
+            return self.components["tokenizer"]
+        from transformers import CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(self.path / "tokenizer")
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the tokenizer of the model at {self.source}: {e}") from e
+
+    def load(self) -> ModelBundle:
+        if self.components is not None:
+            return from_components(self.source, self.components)
+        return load_folder(self.path, self.source, self.variant)
+
+
+def locate(
+    source: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | None = None,
+    store: storage.Store | None = None,
+) -> Located:
+    """Find (or download, or build) a model of any supported source (see the module doc)."""
+    if source == "builtin:shapes":  # the pretrained shapes-world model shipped in the package (tinv.trainer.world)
+        from .world import weights
+
+        return Located(source, path=weights.model_folder())
+    if source.startswith("builtin:"):
+        build = BUILTINS.get(builtin_name(source))
+        if build is None:
+            raise ModelError(f"unknown builtin model {source!r}: the builtin models are {', '.join('builtin:' + n for n in BUILTINS)}")
+        return Located(source, components=build(source))
+    if storage.is_s3(source):
+        return Located(source, variant, path=fetch_s3_folder(source, store))
+    if is_hub_id(source):
+        return Located(source, variant, path=fetch_hub(source, revision, variant, token or hf_token()))
+    try:
+        path = storage.local_path(source)
+    except (ValueError, storage.StorageError) as e:
+        raise ModelError(str(e)) from e
+    if path is None or not path.exists():
+        raise ModelError(f"model folder {source} does not exist")
+    return Located(source, variant, path=Path(path))
+
+
 def load(
     source: str,
     revision: str | None = None,
@@ -249,22 +332,7 @@ def load(
     store: storage.Store | None = None,
 ) -> ModelBundle:
     """Load a model bundle from any supported source (see the module doc)."""
-    if source.startswith("builtin:"):
-        from . import tiny
-
-        return _from_components(source, tiny.build(source))
-    if storage.is_s3(source):
-        return load_folder(fetch_s3_folder(source, store), source, variant)
-    if is_hub_id(source):
-        token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-        return load_folder(fetch_hub(source, revision, variant, token), source, variant)
-    try:
-        path = storage.local_path(source)
-    except ValueError as e:
-        raise ModelError(str(e)) from e
-    if path is None or not path.exists():
-        raise ModelError(f"model folder {source} does not exist")
-    return load_folder(path, source, variant)
+    return locate(source, revision, variant, token, store).load()
 
 
 SCHEDULERS = {

@@ -20,7 +20,7 @@
 
 Images are ``PIL.Image`` objects whose ``.info["tinv"]`` holds the JSON metadata (prompt, seed,
 guidance, steps, scheduler, size, model, concept checkpoints), so ``tinv reproduce`` works on the
-saved files too. Rendering is :class:`tinv.trainer.generate.Engine`, the very engine of grids.
+saved files too. Rendering is :class:`tinv.trainer.engine.Engine`, the very engine of grids.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import generate as G
+from . import engine as E
+from . import pngmeta
+from .grid import Request, check_scheduler
+from .runtime import dtype_name
 
 
 class ConceptPipeline:
     """A base model with learned concepts, ready to render."""
 
-    def __init__(self, engine: G.Engine, *, model: str, refs: list, load_kwargs: dict):
+    def __init__(self, engine: E.Engine, *, model: str, refs: list, load_kwargs: dict):
         self.engine = engine
         self.model = model
         self._refs = list(refs)
@@ -66,10 +69,10 @@ class ConceptPipeline:
         kw = dict(device=device, precision=precision, storage_uri=storage, namespace=namespace, revision=revision,
                   variant=variant, compile=compile, vae_batch=vae_batch)
         refs = list(concepts)
-        engine = G.load_engine(model, refs, **kw)
+        engine = E.load_engine(model, refs, **kw)
         return cls(engine, model=model, refs=refs, load_kwargs=kw)
 
-    def _engine_with(self, concept_list: list) -> G.Engine:
+    def _engine_with(self, concept_list: list) -> E.Engine:
         old = self.engine
         lower = [c.token.lower() for c in concept_list]
         dup = next((t for t in lower if lower.count(t) > 1), None)
@@ -77,7 +80,7 @@ class ConceptPipeline:
             from .errors import ConfigError
 
             raise ConfigError(f"concept token {dup!r} is loaded twice; give one of them another token ('path#newtoken')")
-        return G.Engine(old.bundle, concept_list, device=old.device, precision=G.DTYPE_NAMES[old.dtype],
+        return E.Engine(old.bundle, concept_list, device=old.device, precision=dtype_name(old.dtype),
                         compile=old.compiled, optimize=old.optimized, vae_batch=old.vae_batch, model_info=old.model_info)
 
     def _read(self, refs) -> list:
@@ -116,7 +119,7 @@ class ConceptPipeline:
 
     def __repr__(self) -> str:
         return (f"ConceptPipeline(model={self.model!r}, concepts={self.tokens}, device={self.engine.device}, "
-                f"precision={G.DTYPE_NAMES[self.engine.dtype]})")
+                f"precision={dtype_name(self.engine.dtype)})")
 
     # ------------------------------------------------------------------ rendering
     def __call__(
@@ -138,12 +141,12 @@ class ConceptPipeline:
         A prompt that mentions none of the loaded concepts is rendered, with a warning.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        G.check_scheduler(scheduler)
+        check_scheduler(scheduler)
         self.engine.check_prompts(prompts)
         w = int(width or self.native_size)
         h = int(height or self.native_size)
         reqs = [
-            G.Request(prompt=p, negative_prompt=negative_prompt, seed=int(seed) + k, guidance_scale=float(guidance_scale),
+            Request(prompt=p, negative_prompt=negative_prompt, seed=int(seed) + k, guidance_scale=float(guidance_scale),
                       steps=int(steps), scheduler=scheduler, width=w, height=h)
             for p in prompts
             for k in range(int(num_images))
@@ -166,11 +169,11 @@ class ConceptPipeline:
         """A labelled contact sheet of one prompt: guidance scales across, seeds down (a PIL image)."""
         from . import gallery
 
-        G.check_scheduler(scheduler)
+        check_scheduler(scheduler)
         self.engine.check_prompts([prompt])
         w = int(width or self.native_size)
         h = int(height or self.native_size)
-        reqs = [G.Request(prompt=prompt, negative_prompt=negative_prompt, seed=int(s), guidance_scale=float(g), steps=int(steps),
+        reqs = [Request(prompt=prompt, negative_prompt=negative_prompt, seed=int(s), guidance_scale=float(g), steps=int(steps),
                           scheduler=scheduler, width=w, height=h) for s in seeds for g in guidance_scales]
         out = self.engine.render_many(reqs, batch_size)
         cells, labels = {}, {}
@@ -182,13 +185,13 @@ class ConceptPipeline:
         box = max(128, min(256, max(w, h)))
         return gallery.contact_sheet(prompt, cells, [float(g) for g in guidance_scales], rows, labels, box=box)
 
-    def _to_pil(self, r: G.Rendered):
+    def _to_pil(self, r: E.Rendered):
         from PIL import Image
 
         img = Image.fromarray(r.pixels, "RGB")
         meta = self.engine.metadata(r)
         img.info["tinv"] = json.dumps(meta, sort_keys=True)
-        img.info["parameters"] = G.a1111_parameters(meta)
+        img.info["parameters"] = pngmeta.a1111_parameters(meta)
         return img
 
     @staticmethod
@@ -202,7 +205,7 @@ class ConceptPipeline:
 
             meta = json.loads(img.info["tinv"])
             path = folder / f"{prefix}-{i:03d}-seed{meta['seed']}.png"
-            path.write_bytes(G.encode_png(np.asarray(img.convert("RGB")), meta))
+            path.write_bytes(pngmeta.encode_png(np.asarray(img.convert("RGB")), meta))
             out.append(path)
         return out
 

@@ -17,7 +17,7 @@ of the contract (tinv.api.storage) plus tinv.trainer's extras::
 A run stopped by SIGTERM after its checkpoint stays ``"state": "running"`` with
 ``"stopped": "preempted"``: the operator retries it and the retry continues from that checkpoint.
 
-The termination message (``$TINV_TERMINATION_MESSAGE_PATH``, else ``/dev/termination-log`` when
+The termination message (:func:`tinv.trainer.runtime.write_termination_message`; ``$TINV_TERMINATION_MESSAGE_PATH``, else ``/dev/termination-log`` when
 it exists) is a JSON summary under 4 KiB, written at exit by every rank::
 
     {"state", "exit_code", "reason", "message", "step", "total_steps", "loss",
@@ -45,32 +45,74 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import storage
-from .checkpoint import CheckpointRef, now
+from .checkpoint import CheckpointRef
+from .runtime import now
 
 log = logging.getLogger("tinv.trainer")
 
 
-def termination_path(explicit: str | None = None) -> Path | None:
-    p = explicit or os.environ.get("TINV_TERMINATION_MESSAGE_PATH")
-    if p:
-        return Path(p)
-    default = Path("/dev/termination-log")
-    return default if default.exists() and os.access(default, os.W_OK) else None
+class TensorBoard:
+    """Event files under a remote folder: written there directly when it is local, else staged in a
+    temporary folder and uploaded at each :meth:`sync` (object storage has no appends)."""
 
+    def __init__(self, store: storage.Store, remote: str):
+        self.store = store
+        self.remote = remote
+        self.writer = None
+        self.staged: Path | None = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # noqa: BLE001 - tensorboard not installed
+            log.warning("TensorBoard logging disabled: %s", e)
+            return
+        local = storage.local_path(remote)
+        if local is None:
+            self.staged = Path(tempfile.mkdtemp(prefix="tinv-tb-"))
+            logdir = self.staged
+        else:
+            logdir = local
+            local.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(logdir), flush_secs=30)
 
-def write_termination_message(path: Path | None, doc: dict) -> None:
-    if path is None:
-        return
-    data = json.dumps(doc, separators=(",", ":"))
-    if len(data) > 4000:  # kubelet keeps 4096 bytes
-        doc = dict(doc, message=(doc.get("message") or "")[:1000])
-        data = json.dumps(doc, separators=(",", ":"))[:4000]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(data)
-    except OSError as e:
-        log.warning("cannot write the termination message to %s: %s", path, e)
+    def scalar(self, name: str, value: float | None, step: int) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def image(self, tag: str, pixels: np.ndarray, step: int, max_side: int | None = None) -> None:
+        """An HWC uint8 image; shrunk to max_side pixels when it is larger."""
+        if self.writer is None:
+            return
+        if max_side and max(pixels.shape[:2]) > max_side:
+            from PIL import Image
+
+            im = Image.fromarray(pixels)
+            im.thumbnail((max_side, max_side))
+            pixels = np.asarray(im)
+        self.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
+
+    def sync(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self.staged is not None:
+            for f in self.staged.rglob("*"):
+                if f.is_file():
+                    try:
+                        self.store.upload_file(storage.join(self.remote, f.relative_to(self.staged).as_posix()), f)
+                    except Exception as e:  # noqa: BLE001 - summaries are best effort
+                        log.warning("cannot upload TensorBoard file %s: %s", f, e)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.sync()
+            self.writer.close()
+            self.writer = None
+        if self.staged is not None:
+            shutil.rmtree(self.staged, ignore_errors=True)
+            self.staged = None
 
 
 class Reporter:
@@ -102,9 +144,7 @@ class Reporter:
         self.checkpoints: list[CheckpointRef] = []
         self.state = {"step": 0, "loss": None, "lr": None, "sps": None, "eta": None, "epoch": 0.0}
         self.bar = None
-        self.tb = None
-        self.tb_dir: Path | None = None
-        self.tb_staged = False
+        self.tb: TensorBoard | None = None
         self.metrics = None
         if not enabled:
             return
@@ -124,7 +164,7 @@ class Reporter:
             except Exception:
                 self.bar = None
         if tensorboard:
-            self._open_tensorboard()
+            self.tb = TensorBoard(store, storage.join(run, storage.TENSORBOARD_DIR))
         if metrics_port:
             self._serve_metrics(metrics_port)
 
@@ -145,22 +185,6 @@ class Reporter:
                 self._swapped.append((h, new))
 
     # ------------------------------------------------------------------ sinks
-    def _open_tensorboard(self) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as e:  # tensorboard not installed
-            log.warning("TensorBoard logging disabled: %s", e)
-            return
-        tb_uri = storage.join(self.run, "tensorboard")
-        local = storage.local_path(tb_uri)
-        if local is None:
-            self.tb_dir = Path(tempfile.mkdtemp(prefix="tinv-tb-"))
-            self.tb_staged = True
-        else:
-            self.tb_dir = local
-            local.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=30)
-
     def _serve_metrics(self, port: int) -> None:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -213,13 +237,11 @@ class Reporter:
         self.state.update(step=step, loss=loss, lr=lr, sps=sps, eta=eta, epoch=epoch)
         if self.tb is not None and loss is not None:
             for s_, v in points or [(step, loss)]:
-                self.tb.add_scalar("train/loss", v, s_)
-            self.tb.add_scalar("train/loss_smoothed", loss, step)
-            self.tb.add_scalar("train/learning_rate", lr, step)
-            if sps:
-                self.tb.add_scalar("train/samples_per_second", sps, step)
-            if norm is not None:
-                self.tb.add_scalar("train/embedding_norm", norm, step)
+                self.tb.scalar("train/loss", v, s_)
+            self.tb.scalar("train/loss_smoothed", loss, step)
+            self.tb.scalar("train/learning_rate", lr, step)
+            self.tb.scalar("train/samples_per_second", sps or None, step)
+            self.tb.scalar("train/embedding_norm", norm, step)
         if self.metrics is not None:
             self.metrics["step"].set(step)
             self.metrics["lr"].set(lr)
@@ -261,25 +283,14 @@ class Reporter:
         log.info("checkpoint %s at step %d -> %s", ref.uuid, ref.step, ref.uri)
         if self.metrics is not None:
             self.metrics["ckpt"].inc()
-        self.sync_tensorboard()
+        if self.tb is not None:
+            self.tb.sync()
         self.write_progress("running")
 
     def images(self, tag: str, arrays, step: int) -> None:
         if self.enabled and self.tb is not None:
             for i, a in enumerate(arrays):
-                self.tb.add_image(f"{tag}/{i}", a, step, dataformats="HWC")
-
-    def sync_tensorboard(self) -> None:
-        if self.tb is None:
-            return
-        self.tb.flush()
-        if self.tb_staged and self.tb_dir is not None:
-            for f in self.tb_dir.rglob("*"):
-                if f.is_file():
-                    try:
-                        self.store.upload_file(storage.join(self.run, "tensorboard", f.relative_to(self.tb_dir).as_posix()), f)
-                    except Exception as e:
-                        log.warning("cannot upload TensorBoard file %s: %s", f, e)
+                self.tb.image(f"{tag}/{i}", a, step)
 
     def progress_doc(self, state: str, message: str | None = None, exit_code: int | None = None, stopped: str | None = None) -> dict:
         s = self.state
@@ -328,10 +339,7 @@ class Reporter:
                 root.removeHandler(new)
                 root.addHandler(old)
         if self.tb is not None:
-            self.sync_tensorboard()
             self.tb.close()
-            if self.tb_staged and self.tb_dir is not None:
-                shutil.rmtree(self.tb_dir, ignore_errors=True)
             self.tb = None
         srv = getattr(self, "_metrics_server", None)
         if srv is not None:

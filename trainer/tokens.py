@@ -22,6 +22,7 @@ ConceptVocab is shared, because both SDXL tokenizers have the same vocabulary.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger("tinv.trainer")
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,12 @@ class ConceptTokens:
 class ConceptVocab:
     """Placeholder ids and boundary-aware prompt tokenisation for the concepts of one job."""
 
-    def __init__(self, tokenizer, concepts: list[tuple[str, str, int | None]], table_size: int = 0):
+    def __init__(self, tokenizer, concepts: list[tuple[str, str, int | None]], table_size: int = 0, *, training: bool = False):
         """concepts: (token, initializer phrase, explicit vector count or None). table_size: rows of
         the encoder's embedding table, which may exceed the tokenizer's vocabulary (padded tables):
-        placeholder ids start past both."""
+        placeholder ids start past both. training: the tokens name new files, so they must load the
+        same in diffusers (lower case) and the derived vector count must fit in a prompt."""
+        self.training = training
         self.tokenizer = tokenizer
         self.vocab = tokenizer.get_vocab()
         self.base_size = max(len(self.vocab), int(table_size))
@@ -63,6 +68,17 @@ class ConceptVocab:
             self._check_token(token, seen)
             init_ids = self.text_ids(initializer) if initializer and initializer.strip() else []
             n = vectors or max(1, len(init_ids))
+            if training and not vectors and n > self.room:
+                # The same limit as an explicit `vectors` (75): rows past a prompt's room are never
+                # seen by the text encoder, so they would never be trained (diffusers drops them too).
+                raise ConfigError(
+                    f"concept {token!r}: its initializer {initializer[:60]!r}... is {n} tokens long, and one vector per token "
+                    f"gives {n} vectors -- more than the {self.room} a prompt holds. Shorten the initializer, or set the "
+                    f"concept's vectors (at most {self.room}; the initializer is then repeated or cut to fit)"
+                )
+            if training:
+                log.info("concept %r: %d vector%s (%s)", token, n, "" if n == 1 else "s",
+                         "set by vectors" if vectors else f"one per token of the initializer {initializer!r}")
             if init_ids:
                 # AUTOMATIC1111's rule: vector i copies initializer token i*len//n (repeat or cut).
                 ids = tuple(init_ids[i * len(init_ids) // n] for i in range(n))
@@ -103,6 +119,11 @@ class ConceptVocab:
             raise ConfigError(f"concept token {token!r} must not contain '{{}}' (that is the template slot)")
         if not re.search(r"\w", token):
             raise ConfigError(f"concept token {token!r} needs at least one letter or digit")
+        if self.training and token != token.lower():
+            raise ConfigError(
+                f"concept token {token!r} must be lower case: CLIP lower-cases prompts, and diffusers' load_textual_inversion "
+                f"would use only the first vector of a capitalised multi-vector token. Write {token.lower()!r}"
+            )
         low = token.lower()
         if low in seen:
             if seen[low] == token or seen[low].lower() == low:
@@ -121,6 +142,48 @@ class ConceptVocab:
                 f"{self.vocab.get(shown, self.vocab.get(token))}): a learned embedding would shadow it, and "
                 f"diffusers' load_textual_inversion refuses such tokens. Pick a new word, e.g. '<{low}>' or '{low}-tinv'."
             )
+
+    @property
+    def room(self) -> int:
+        """Content tokens a prompt can hold (the encoder's length minus BOS and EOS)."""
+        return self.max_length - 2
+
+    def fit_table(self, table_size: int) -> None:
+        """Place the placeholder ids past an embedding table of `table_size` rows (known once the
+        text encoder is loaded; the vocabulary and its checks came from the tokenizer alone)."""
+        if int(table_size) > self.base_size:
+            self.base_size = int(table_size)
+            self._cache.clear()
+
+    def split_rows(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{token: its rows} of a [num_new, width] matrix of new vectors (copies)."""
+        return {c.token: weights[self.offsets[c.token] : self.offsets[c.token] + c.vectors].clone() for c in self.concepts}
+
+    def missing_vectors(self, prompt: str) -> list[str]:
+        """Concepts whose vectors the prompt does not hold in full once tokenised and cut to the
+        encoder's length: [] when every vector of every concept it should teach is there."""
+        row = set(self.batch([prompt])[0].tolist())
+        out = []
+        for c in self.concepts:
+            start = self.base_size + self.offsets[c.token]
+            if not set(range(start, start + c.vectors)) <= row:
+                out.append(c.token)
+        return out
+
+    def initializer_text(self, c: ConceptTokens) -> str:
+        """A phrase of exactly ``c.vectors`` tokens, for files whose readers recount the vectors
+        from the initializer (the Determined pipeline asserts len(tokens(initializer_strs)) ==
+        vectors): the initializer itself when it fits, else its tokens repeated or cut to fit."""
+        n = c.vectors
+        candidates = [c.initializer]
+        if c.init_ids:
+            candidates.append(self.tokenizer.decode(list(c.init_ids)).strip())
+            candidates.append(" ".join([self.tokenizer.decode([c.init_ids[0]]).strip()] * n))
+        candidates.append(" ".join(["*"] * n))
+        for text in candidates:
+            if text and len(self.text_ids(text)) == n:
+                return text
+        return candidates[-1]
 
     # ------------------------------------------------------------------ tokenisation
     def text_ids(self, text: str) -> list[int]:

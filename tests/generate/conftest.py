@@ -46,9 +46,9 @@ def concept_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine(concept_file):
     """One tiny engine (fp32, CPU) with '<blob>' loaded, shared by the tests that only render."""
-    from tinv.trainer import generate as G
+    from tinv.trainer import engine as E
 
-    return G.load_engine("builtin:tiny", [str(concept_file)], device="cpu", precision="fp32")
+    return E.load_engine("builtin:tiny", [str(concept_file)], device="cpu", precision="fp32")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from gridkit import vectors
 from tinv.trainer import concepts as C
 from tinv.trainer import formats
-from tinv.trainer import generate as G
+from tinv.trainer import generate as G, engine as E, grid as grids
 from tinv.trainer.errors import ConfigError
 
 TOK = "det-logo"
@@ -34,15 +34,15 @@ def write_checkpoint(run: Path, step: int, vecs: torch.Tensor, created: str, *, 
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    return G.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
+    return E.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
 
 
-def render_with(base: G.Engine, refs, **kw) -> np.ndarray:
+def render_with(base: E.Engine, refs, **kw) -> np.ndarray:
     from tinv.api.storage import Store
 
     concepts = C.load_all(refs, store=Store(), **kw)
-    eng = G.Engine(base.bundle, concepts, device="cpu", precision="fp32")
-    q = G.Request(prompt=f"a watercolor painting of a {concepts[0].token}", seed=5, guidance_scale=5, steps=2, scheduler="ddim",
+    eng = E.Engine(base.bundle, concepts, device="cpu", precision="fp32")
+    q = grids.Request(prompt=f"a watercolor painting of a {concepts[0].token}", seed=5, guidance_scale=5, steps=2, scheduler="ddim",
                   width=64, height=64)
     return eng.render([q])[0].pixels, concepts
 
@@ -137,7 +137,7 @@ def test_grid_uses_the_operators_resolved_embeddings(tmp_path, make_grid, concep
         doc={"status": {"resolvedEmbeddings": [{"job": "det-logo", "checkpoint": "11111111-2222-3333-4444-555555555555",
                                                 "uri": str(concept_file)}]}},
     )
-    (ref,) = G._refs_of(grid)
+    (ref,) = G.refs_of(grid)
     assert ref.uri == str(concept_file) and ref.checkpoint == "11111111-2222-3333-4444-555555555555"
     from tinv.api.storage import Store
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from gridkit import TOKEN, vectors  # noqa: F401  (tests/generate/gridkit.py)
-from tinv.trainer import generate as G
+from tinv.trainer import engine as E, grid as grids, runtime
 from tinv.trainer.errors import ConfigError
 
 P = f"a photo of a {TOKEN}"
 
 
-def req(**kw) -> G.Request:
+def req(**kw) -> grids.Request:
     base = dict(prompt=P, negative_prompt="blurry", seed=3, guidance_scale=5.0, steps=3, scheduler="ddim", width=64, height=64)
     base.update(kw)
-    return G.Request(**base)
+    return grids.Request(**base)
 
 
 def test_same_seed_same_pixels_and_different_seed_different_pixels(engine):
@@ -31,7 +31,7 @@ def test_same_seed_same_pixels_and_different_seed_different_pixels(engine):
 
 
 def test_a_fresh_engine_gives_the_same_pixels(engine, concept_file):
-    other = G.load_engine("builtin:tiny", [str(concept_file)], device="cpu", precision="fp32")
+    other = E.load_engine("builtin:tiny", [str(concept_file)], device="cpu", precision="fp32")
     assert np.array_equal(engine.render([req()])[0].pixels, other.render([req()])[0].pixels)
 
 
@@ -61,7 +61,7 @@ def test_guidance_one_means_no_guidance_per_image(engine):
     assert not unguided.cfg, "a batch where no image is guided skips the negative-prompt pass"
 
 
-@pytest.mark.parametrize("name", G.SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", grids.SCHEDULER_NAMES)
 def test_every_scheduler_renders_deterministically(engine, name):
     a = engine.render([req(scheduler=name, seed=1), req(scheduler=name, seed=2)])
     b = engine.render([req(scheduler=name, seed=1), req(scheduler=name, seed=2)])
@@ -82,20 +82,20 @@ def test_schedulers_are_the_named_diffusers_classes(engine):
         "lms": LMSDiscreteScheduler, "ddpm": diffusers.DDPMScheduler,
     }
     for name, cls in expect.items():
-        s = G.make_scheduler(name, engine.sched_config)
+        s = E.make_scheduler(name, engine.sched_config)
         assert isinstance(s, cls) if name == "lms" else type(s) is cls
         assert s.config.beta_schedule == "scaled_linear" and s.config.beta_end == 0.012, "the model's noise schedule"
-    dpm = G.make_scheduler("dpm-solver++-karras", engine.sched_config)
+    dpm = E.make_scheduler("dpm-solver++-karras", engine.sched_config)
     assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.use_karras_sigmas
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
 def test_matches_a_plain_diffusers_pipeline(scheduler):
     """Without concepts, the engine is a StableDiffusionPipeline call with the same seed (fp32, CPU)."""
-    eng = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
+    eng = E.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
     q = req(prompt="a red brick wall", scheduler=scheduler, steps=4, guidance_scale=6.0)
     ours = eng.render([q])[0].pixels
-    pipe = eng.bundle.pipeline(G.make_scheduler(scheduler, eng.sched_config))
+    pipe = eng.bundle.pipeline(E.make_scheduler(scheduler, eng.sched_config))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(q.prompt, negative_prompt=q.negative_prompt, num_inference_steps=q.steps, guidance_scale=q.guidance_scale,
                generator=torch.Generator("cpu").manual_seed(q.seed), height=64, width=64, output_type="np").images[0]
@@ -105,14 +105,14 @@ def test_matches_a_plain_diffusers_pipeline(scheduler):
 
 def test_concept_vectors_reach_the_text_encoder(engine):
     with_concept = engine.encode([P])
-    other = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
+    other = E.load_engine("builtin:tiny", [], device="cpu", precision="fp32")
     assert engine.mentions(P) == [TOKEN]
     assert engine.vocab.ids(P)[-2:] == [engine.vocab.base_size, engine.vocab.base_size + 1], "2 vectors -> 2 placeholder ids"
     assert not torch.allclose(with_concept, other.encode([P]))
 
 
 def test_bf16_on_cpu_renders():
-    eng = G.load_engine("builtin:tiny", [], device="cpu", precision="bf16")
+    eng = E.load_engine("builtin:tiny", [], device="cpu", precision="bf16")
     r = eng.render([req(prompt="a cat")])[0]
     assert r.pixels.shape == (64, 64, 3)
     assert eng.metadata(r)["precision"] == "bf16"
@@ -120,7 +120,7 @@ def test_bf16_on_cpu_renders():
 
 def test_fp16_on_cpu_is_refused():
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        G.pick_dtype("fp16", torch.device("cpu"))
+        runtime.pick_dtype("fp16", torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -140,21 +140,21 @@ def _save(tmp_path, name, obj):
 def test_wrong_width_is_a_clear_error(tmp_path):
     p = _save(tmp_path, "sd15.safetensors", {"<wide>": torch.randn(3, 768)})
     with pytest.raises(ConfigError, match=r"is 768 wide, but this model's text encoder is 32 wide: it was trained for SD 1.x"):
-        G.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
 
 
 def test_token_already_in_the_vocabulary_is_a_clear_error(tmp_path):
     p = _save(tmp_path, "cat.pt", {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, 32)},
                                     "name": "cat", "step": 1, "sd_checkpoint": None, "sd_checkpoint_name": None})
     with pytest.raises(ConfigError, match=r"concept token 'cat' is already a word of the model's vocabulary"):
-        G.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
 
 
 def test_the_same_token_twice_is_a_clear_error(tmp_path, concept_file):
     with pytest.raises(ConfigError, match=r"concept token '<blob>' is loaded twice"):
-        G.load_engine("builtin:tiny", [str(concept_file), str(concept_file)], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(concept_file), str(concept_file)], device="cpu", precision="fp32")
     # ... and renaming one of them is the fix
-    eng = G.load_engine("builtin:tiny", [str(concept_file), f"{concept_file}#<blob2>"], device="cpu", precision="fp32")
+    eng = E.load_engine("builtin:tiny", [str(concept_file), f"{concept_file}#<blob2>"], device="cpu", precision="fp32")
     assert eng.tokens == [TOKEN, "<blob2>"]
 
 
@@ -163,12 +163,12 @@ def test_sdxl_and_unknown_files_are_clear_errors(tmp_path):
 
     p = _save(tmp_path, "xl.safetensors", {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)})
     with pytest.raises(ConfigError, match="SDXL embedding"):
-        G.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
     p = _save(tmp_path, "junk.pt", {"weights": [1, 2, 3]})
     with pytest.raises((FormatError, ConfigError), match="junk.pt"):
-        G.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(p)], device="cpu", precision="fp32")
     with pytest.raises((FormatError, ConfigError), match="no such file"):
-        G.load_engine("builtin:tiny", [str(tmp_path / "missing.pt")], device="cpu", precision="fp32")
+        E.load_engine("builtin:tiny", [str(tmp_path / "missing.pt")], device="cpu", precision="fp32")
 
 
 def test_unknown_scheduler_is_a_clear_error(engine):
@@ -190,7 +190,7 @@ def test_prompt_without_any_concept_warns_but_renders(engine):
 
 def test_lms_coefficients_match_numerical_integration(engine):
     """The scipy-free LMS uses exact quadrature; compare with a fine trapezoid integral."""
-    s = G._lms_class().from_config(engine.sched_config)
+    s = E._lms_class().from_config(engine.sched_config)
     s.set_timesteps(10)
     sig = [float(x) for x in s.sigmas]
     for order, t, cur in [(1, 0, 0), (2, 3, 1), (4, 6, 0), (4, 6, 3)]:
@@ -206,8 +206,8 @@ def test_lms_coefficients_match_numerical_integration(engine):
 def test_gpu_optimisations_run_on_cpu_too():
     """channels-last + fused QKV (on by default on CUDA) change kernels, not the picture."""
     reqs = [req(seed=s) for s in (1, 2)]
-    plain = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32").render(reqs)
-    fast = G.load_engine("builtin:tiny", [], device="cpu", precision="fp32", optimize=True)
+    plain = E.load_engine("builtin:tiny", [], device="cpu", precision="fp32").render(reqs)
+    fast = E.load_engine("builtin:tiny", [], device="cpu", precision="fp32", optimize=True)
     assert type(next(iter(fast.bundle.unet.attn_processors.values()))).__name__ == "FusedAttnProcessor2_0"
     for a, b in zip(plain, fast.render(reqs)):
         assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 2

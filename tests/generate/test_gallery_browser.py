@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tinv.trainer import generate as G
+from tinv.trainer import generate as G, grid as grids
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
@@ -43,7 +43,7 @@ def gallery(tmp_path_factory, concept_file):
     grid = GenerationGrid.model_validate(doc)
     res = G.run_grid(grid, G.GridOptions(progress_bar=False, tensorboard=False))
     assert res.complete
-    return Path(res.gallery_uri), [img.filename for img in G.expand(grid.spec)]
+    return Path(res.gallery_uri), [img.filename for img in grids.expand(grid.spec)]
 
 
 def test_every_image_is_listed_and_loads_in_chromium(gallery, tmp_path):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tinv.api.models import GenerationGridSpec
-from tinv.trainer import generate as G
+from tinv.trainer import grid as grids
 from tinv.trainer.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def test_expansion_is_the_full_product_in_the_documented_order():
         imagesPerCell=3,
         negativePrompt="ugly",
     )
-    images = G.expand(s)
+    images = grids.expand(s)
     assert len(images) == 2 * 2 * 2 * 2 * 2 * 2 * 3
     assert [img.index for img in images] == list(range(len(images)))
     expected = [
@@ -39,13 +39,13 @@ def test_expansion_is_the_full_product_in_the_documented_order():
     assert got == expected
     assert all(i.seed == i.seed_base + i.k and i.negative_prompt == "ugly" for i in images)
     assert len({i.filename for i in images}) == len(images), "file names are unique"
-    assert G.expand(s) == images, "expansion is stable"
+    assert grids.expand(s) == images, "expansion is stable"
 
 
 def test_default_grid_matches_the_determined_example_size():
     # generate_grid.yaml: 4 prompts x 3 guidance x 2 seeds, 10 images per cell x 2 workers -> 480 images
     s = spec(prompts=["a", "b", "c", "d"], grid={"guidanceScales": [2, 4, 6], "seeds": [2, 3]}, imagesPerCell=20)
-    assert len(G.expand(s)) == 480
+    assert len(grids.expand(s)) == 480
 
 
 def _random_spec(rng: random.Random) -> GenerationGridSpec:
@@ -54,7 +54,7 @@ def _random_spec(rng: random.Random) -> GenerationGridSpec:
         grid={
             "guidanceScales": rng.sample([1, 2.5, 4, 7.5, 9], rng.randint(1, 3)),
             "steps": rng.sample([5, 10, 25, 50], rng.randint(1, 2)),
-            "schedulers": rng.sample(list(G.SCHEDULER_NAMES), rng.randint(1, 2)),
+            "schedulers": rng.sample(list(grids.SCHEDULER_NAMES), rng.randint(1, 2)),
             "seeds": rng.sample(range(100), rng.randint(1, 3)),
             "sizes": rng.sample([{"width": 64, "height": 64}, {"width": 512, "height": 512}, {"width": 768, "height": 512}], rng.randint(1, 2)),
         },
@@ -65,32 +65,32 @@ def _random_spec(rng: random.Random) -> GenerationGridSpec:
 @pytest.mark.parametrize("seed", range(12))
 def test_sharding_covers_every_image_exactly_once_for_any_n(seed):
     rng = random.Random(seed)
-    images = G.expand(_random_spec(rng))
+    images = grids.expand(_random_spec(rng))
     for n in list(range(1, 9)) + [len(images), len(images) + 3]:
-        shards = G.split(images, n)
+        shards = grids.split(images, n)
         if n <= 8:
-            assert [G.shard(images, i, n) for i in range(n)] == shards
+            assert [grids.shard(images, i, n) for i in range(n)] == shards
         flat = [img.index for s in shards for img in s]
         assert sorted(flat) == list(range(len(images))), f"n={n}: every image exactly once"
         for s in shards:
             assert [img.index for img in s] == sorted(img.index for img in s), "a shard keeps the stable order"
         loads = [sum(img.cost for img in s) for s in shards]
         assert max(loads) - min(loads) <= max(img.cost for img in images) + 1e-9, f"n={n}: balanced by cost"
-        assert G.split(images, n) == shards, "deterministic"
+        assert grids.split(images, n) == shards, "deterministic"
 
 
 def test_equal_costs_shard_round_robin_with_counts_within_one():
-    images = G.expand(spec(prompts=[f"p{i}" for i in range(7)], grid={"seeds": [1, 2, 3]}))
+    images = grids.expand(spec(prompts=[f"p{i}" for i in range(7)], grid={"seeds": [1, 2, 3]}))
     for n in range(1, 10):
-        counts = [len(G.shard(images, i, n)) for i in range(n)]
+        counts = [len(grids.shard(images, i, n)) for i in range(n)]
         assert max(counts) - min(counts) <= 1
-        assert [img.index for img in G.shard(images, 0, n)] == list(range(0, len(images), n))
+        assert [img.index for img in grids.shard(images, 0, n)] == list(range(0, len(images), n))
 
 
 def test_batches_share_size_steps_and_scheduler_and_cover_the_shard():
-    images = G.expand(_random_spec(random.Random(3)))
+    images = grids.expand(_random_spec(random.Random(3)))
     for bs in (1, 2, 5, 64):
-        batches = G.plan_batches(images, bs)
+        batches = grids.plan_batches(images, bs)
         assert sorted(i.index for b in batches for i in b) == [i.index for i in images]
         for b in batches:
             assert 1 <= len(b) <= bs
@@ -101,32 +101,32 @@ def test_batches_share_size_steps_and_scheduler_and_cover_the_shard():
 
 
 def test_parse_shard_and_job_completion_index(monkeypatch):
-    assert G.parse_shard("0/1") == (0, 1)
-    assert G.parse_shard(" 3 / 8 ") == (3, 8)
+    assert grids.parse_shard("0/1") == (0, 1)
+    assert grids.parse_shard(" 3 / 8 ") == (3, 8)
     for bad in ("1/1", "-1/2", "2", "a/b", "0/0"):
         with pytest.raises(ConfigError, match="--shard"):
-            G.parse_shard(bad)
+            grids.parse_shard(bad)
     s = spec(resources={"workers": 3})
-    assert G.shard_from_env(s) == (0, 1)
+    assert grids.shard_from_env(s) == (0, 1)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
-    assert G.shard_from_env(s) == (2, 3), "the operator's Indexed Job: index of spec.resources.workers"
-    assert G.shard_from_env(s, (0, 5)) == (0, 5), "--shard wins"
+    assert grids.shard_from_env(s) == (2, 3), "the operator's Indexed Job: index of spec.resources.workers"
+    assert grids.shard_from_env(s, (0, 5)) == (0, 5), "--shard wins"
     monkeypatch.setenv("TINV_SHARDS", "4")
-    assert G.shard_from_env(s) == (2, 4)
+    assert grids.shard_from_env(s) == (2, 4)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "4")
     with pytest.raises(ConfigError):
-        G.shard_from_env(s)
+        grids.shard_from_env(s)
 
 
 def test_empty_grid_and_unknown_scheduler_are_clear_errors():
     with pytest.raises(ConfigError, match=r"the grid is empty: spec.prompts"):
-        G.expand(spec(prompts=[]))
+        grids.expand(spec(prompts=[]))
     with pytest.raises(ConfigError, match=r"the grid is empty: spec.grid.guidanceScales, spec.grid.seeds have no values"):
-        G.expand(spec(grid={"guidanceScales": [], "seeds": []}))
+        grids.expand(spec(grid={"guidanceScales": [], "seeds": []}))
     with pytest.raises(ConfigError, match="blank"):
-        G.expand(spec(prompts=["ok", "   "]))
+        grids.expand(spec(prompts=["ok", "   "]))
     with pytest.raises(ConfigError, match=r"unknown scheduler 'k-lms': choose one of ddim, ddpm, pndm"):
-        G.check_scheduler("k-lms")
+        grids.check_scheduler("k-lms")
 
 
 def test_every_api_scheduler_name_is_known():
@@ -134,9 +134,9 @@ def test_every_api_scheduler_name_is_known():
 
     from tinv.api.models import SchedulerName
 
-    assert set(typing.get_args(SchedulerName)) == set(G.SCHEDULER_NAMES)
+    assert set(typing.get_args(SchedulerName)) == set(grids.SCHEDULER_NAMES)
 
 
 def test_file_names_stay_unique_for_close_guidance_scales():
-    images = G.expand(spec(grid={"guidanceScales": [7.5, 7.5000001, 7.50000011]}))
+    images = grids.expand(spec(grid={"guidanceScales": [7.5, 7.5000001, 7.50000011]}))
     assert len({i.filename for i in images}) == len(images) == 6

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gridkit import TOKEN
-from tinv.trainer import generate as G
+from tinv.trainer import pngmeta
 from tinv.trainer import cli as trainer_cli
 from tinv.trainer.errors import ConfigError
 from tinv.trainer.pipeline import ConceptPipeline
@@ -33,7 +33,7 @@ def test_call_sheet_save_and_reproduce(pipe, tmp_path):
     assert sheet.size[0] > 2 * 128 and sheet.size[1] > 3 * 128
 
     paths = pipe.save(images, tmp_path / "out")
-    assert len(paths) == 4 and G.read_png_metadata(paths[1])["seed"] == 8
+    assert len(paths) == 4 and pngmeta.read_png_metadata(paths[1])["seed"] == 8
     assert trainer_cli.main(["reproduce", str(paths[3]), "--out", str(tmp_path / "r.png"), "--check"]) == 0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gridkit import TOKEN, pngs
-from tinv.trainer import generate as G
+from tinv.trainer import generate as G, grid as grids, pngmeta, runtime
 from tinv.trainer import cli as trainer_cli
 
 
@@ -33,16 +33,16 @@ def test_generate_writes_images_metadata_index_gallery_progress_and_tensorboard(
     # metadata round-trips: every parameter, the model and the concept's provenance
     from tinv.api.validation import load_resource
 
-    expected = {img.filename: img for img in G.expand(load_resource(path).spec)}
+    expected = {img.filename: img for img in grids.expand(load_resource(path).spec)}
     for f in files:
-        meta = G.read_png_metadata(f)
+        meta = pngmeta.read_png_metadata(f)
         img = expected[f.name]
         assert (meta["prompt"], meta["negative_prompt"], meta["seed"], meta["guidance_scale"], meta["steps"], meta["scheduler"],
                 meta["width"], meta["height"]) == (img.prompt, "blurry", img.seed, img.guidance_scale, 2, "ddim", 64, 64)
         assert meta["model"]["source"] == "builtin:tiny" and meta["precision"] == "fp32" and meta["device"] == "cpu"
         assert [e["token"] for e in meta["embeddings"]] == [TOKEN] and len(meta["embeddings"][0]["sha256"]) == 64
         assert meta["grid"]["index"] == img.index and meta["grid"]["name"] == "g" and meta["grid"]["namespace"] == "ns"
-        assert meta["key"] == G.params_key(meta)
+        assert meta["key"] == pngmeta.params_key(meta)
         from PIL import Image
 
         with Image.open(f) as im:
@@ -78,14 +78,14 @@ def test_reproduce_gives_identical_pixels(grid_yaml, tmp_path, capsys):
     out = tmp_path / "again.png"
     assert run("reproduce", str(original), "--out", str(out), "--check") == 0
     assert "identical pixels" in capsys.readouterr().out
-    assert np.array_equal(G.decode_png(original.read_bytes()), G.decode_png(out.read_bytes()))
-    a, b = G.read_png_metadata(original), G.read_png_metadata(out)
+    assert np.array_equal(pngmeta.decode_png(original.read_bytes()), pngmeta.decode_png(out.read_bytes()))
+    a, b = pngmeta.read_png_metadata(original), pngmeta.read_png_metadata(out)
     assert a["key"] == b["key"] and a["grid"] == b["grid"]
 
 
 def test_resume_after_preemption_skips_finished_images(make_grid, tmp_path):
     grid = make_grid()
-    with pytest.raises(G.Preempted):
+    with pytest.raises(runtime.Stopped):
         G.run_grid(grid, G.GridOptions(stop_after_batches=1, progress_bar=False, tensorboard=False))
     d = images_dir(tmp_path)
     first = {p.name: p.read_bytes() for p in pngs(d)}
@@ -125,7 +125,7 @@ def test_shards_together_render_the_grid_once_and_the_last_one_completes_the_gal
     assert [r.complete for r in results] == [False, False, True]
     index = json.loads((images_dir(tmp_path) / "index.json").read_text())
     assert index["complete"] and index["images_present"] == 8
-    metas = [G.read_png_metadata(p) for p in pngs(images_dir(tmp_path))]
+    metas = [pngmeta.read_png_metadata(p) for p in pngs(images_dir(tmp_path))]
     assert sorted(m["grid"]["index"] for m in metas) == list(range(8))
 
 
@@ -135,7 +135,7 @@ def test_dry_run_lists_the_shard(grid_yaml, capsys):
     path = grid_yaml()
     assert run("generate", str(path), "--dry-run", "--shard", "1/3") == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    want = G.shard(G.expand(load_resource(path).spec), 1, 3)
+    want = grids.shard(grids.expand(load_resource(path).spec), 1, 3)
     assert [r["index"] for r in lines] == [img.index for img in want] and len(lines) in (2, 3)
     assert [r["file"] for r in lines] == [img.filename for img in want]
 
@@ -204,6 +204,6 @@ def test_out_of_memory_halves_the_batch_and_records_the_real_batch(make_grid, tm
     res = G.run_grid(make_grid(), G.GridOptions(progress_bar=False, tensorboard=False, gallery=False), engine=engine)
     assert res.rendered == 8
     for p in pngs(images_dir(tmp_path)):
-        assert G.read_png_metadata(p)["batch"]["size"] == 1
+        assert pngmeta.read_png_metadata(p)["batch"]["size"] == 1
     monkeypatch.setattr(engine, "render", real)
     assert run("reproduce", str(pngs(images_dir(tmp_path))[0]), "--out", str(tmp_path / "r.png"), "--check") == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gridkit import TOKEN, vectors
-from tinv.trainer import generate as G
+from tinv.trainer import generate as G, pngmeta, runtime
 from tinv.trainer import cli as trainer_cli
 
 pytestmark = pytest.mark.cluster
@@ -30,7 +30,7 @@ def test_grid_in_object_storage(s3_server, make_grid, monkeypatch, tmp_path):
         spec={"embeddings": [{"uri": f"s3://{bucket}/concepts/blob"}],
               "storage": {"uri": f"s3://{bucket}/tinv", "endpoint": s3_server.endpoint_url, "addressingStyle": "path"}},
     )
-    with pytest.raises(G.Preempted):
+    with pytest.raises(runtime.Stopped):
         G.run_grid(grid, G.GridOptions(stop_after_batches=1, progress_bar=False))
     res = G.run_grid(grid, G.GridOptions(progress_bar=False))
     assert (res.rendered, res.skipped, res.complete) == (5, 3, True)
@@ -45,10 +45,10 @@ def test_grid_in_object_storage(s3_server, make_grid, monkeypatch, tmp_path):
     assert head(pngs[0]) == "image/png"
     progress = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "progress.json")["Body"].read())
     assert progress["state"] == "succeeded" and progress["images_done"] == 8
-    meta = G.read_png_metadata(s3.get_object(Bucket=bucket, Key=pngs[2])["Body"].read())
+    meta = pngmeta.read_png_metadata(s3.get_object(Bucket=bucket, Key=pngs[2])["Body"].read())
     assert meta["embeddings"][0]["uri"] == f"s3://{bucket}/concepts/blob"
 
     out = tmp_path / "again.png"
     assert trainer_cli.main(["reproduce", f"s3://{bucket}/{pngs[2]}", "--out", str(out), "--check"]) == 0
-    original = G.decode_png(s3.get_object(Bucket=bucket, Key=pngs[2])["Body"].read())
-    assert np.array_equal(original, G.decode_png(out.read_bytes()))
+    original = pngmeta.decode_png(s3.get_object(Bucket=bucket, Key=pngs[2])["Body"].read())
+    assert np.array_equal(original, pngmeta.decode_png(out.read_bytes()))

@@ -258,11 +258,11 @@ def test_single_worker_single_gpu_runs_tinv_train():
     assert job["spec"]["completions"] == 1 and job["spec"]["parallelism"] == 1
 
 
-def test_single_worker_several_gpus_runs_torchrun():
+def test_single_worker_several_gpus_runs_the_launcher():
+    # tinv.trainer.launch, not torchrun: it keeps the trainer's exit code (ops2, issue 14 item 5)
     job = B.build_job(B.TIJOB, eff(job_doc(resources={"gpusPerWorker": 4})), CFG)
     cmd = container(job)["command"]
-    assert cmd[:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"]
-    assert cmd[4:] == ["-m", "tinv.api.cli", "train", "/etc/tinv/resource.yaml"]
+    assert cmd == ["python", "-m", "tinv.trainer.launch", "--nproc-per-node=4", "train", "/etc/tinv/resource.yaml"]
 
 
 def test_several_workers_are_an_indexed_job_with_a_headless_service():
@@ -282,7 +282,7 @@ def test_several_workers_are_an_indexed_job_with_a_headless_service():
     assert e2["TINV_NNODES"]["value"] == "3" and e2["TINV_NPROC_PER_NODE"]["value"] == "2"
     script = container(job)["command"][2]
     assert container(job)["command"][:2] == ["/bin/sh", "-c"]
-    assert "torchrun" in script and '--node-rank="$JOB_COMPLETION_INDEX"' in script and "getaddrinfo" in script
+    assert "tinv.trainer.launch" in script and '--node-rank="$JOB_COMPLETION_INDEX"' in script and "getaddrinfo" in script
 
 
 @pytest.mark.parametrize("index,resolvable", [("0", False), ("1", True)])
@@ -290,14 +290,15 @@ def test_rendezvous_wrapper_waits_for_the_master_then_execs(tmp_path, index, res
     """Run the wrapper with sh: rank 0 never waits; others wait for DNS (here: localhost resolves)."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "torchrun").write_text("#!/bin/sh\necho torchrun \"$@\"\n")
-    (fake / "torchrun").chmod(0o755)
-    (fake / "python").symlink_to(sys.executable)
+    # python -m (the launcher) echoes its arguments; python -c (the DNS check) is the real one
+    (fake / "python").write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo python "$@"; else exec {sys.executable} "$@"; fi\n')
+    (fake / "python").chmod(0o755)
     env_ = {"PATH": f"{fake}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": index, "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
             "TINV_NNODES": "2", "TINV_NPROC_PER_NODE": "1", "TINV_RENDEZVOUS_TIMEOUT": "4", "TINV_RESOURCE_FILE": "/etc/tinv/resource.yaml"}
     r = subprocess.run(["/bin/sh", "-c", B.RENDEZVOUS_WRAPPER], env=env_, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert f"--node-rank={index}" in r.stdout and "--master-addr=localhost" in r.stdout and "tinv.api.cli train" in r.stdout
+    assert f"--node-rank={index}" in r.stdout and "--master-addr=localhost" in r.stdout and "tinv.trainer.launch" in r.stdout
+    assert r.stdout.rstrip().endswith("train /etc/tinv/resource.yaml")
 
 
 def test_rendezvous_wrapper_gives_up_with_exit_69(tmp_path):
@@ -359,3 +360,33 @@ def test_example_resources_build(repo=REPO):
         assert objs[-1]["kind"] == "Job"
         json.dumps(objs)  # serialisable as is
         assert copy.deepcopy(objs) == objs
+
+
+# --------------------------------------------------------------------------- issue 14
+
+def test_gpu_workloads_get_a_default_deadline_and_keep_their_own():
+    job = B.build_job(B.TIJOB, eff(job_doc()), CFG)
+    assert job["spec"]["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    assert B.job_run_policy_patch(B.TIJOB, eff(job_doc()).model)["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    own = B.build_job(B.TIJOB, eff(job_doc(runPolicy={"activeDeadlineSeconds": 600})), CFG)
+    assert own["spec"]["activeDeadlineSeconds"] == 600
+    cpu = job_doc(resources={"gpusPerWorker": 0})
+    assert "activeDeadlineSeconds" not in B.build_job(B.TIJOB, eff(cpu), CFG)["spec"]
+    grid = B.build_job(B.GRID, eff(grid_doc()), CFG)
+    assert grid["spec"]["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    # a default is not a spec change: the spec hash (what flags a running Job as changed) ignores it
+    assert eff(job_doc()).spec_hash == eff(job_doc(runPolicy={"activeDeadlineSeconds": 600})).spec_hash
+
+
+@pytest.mark.parametrize("uri", ["s3:/bad", "s3://", "s3:bucket/x", "file://relative", "pvc://", "http://host/x", "gs://b/x"])
+def test_uris_that_can_never_work_are_refused_naming_the_field(uri):
+    _, problems = validate_document(job_doc(storage={"uri": uri}))
+    assert [p.path for p in problems] == ["spec.storage.uri"], problems
+    doc = job_doc()
+    doc["spec"]["concepts"][0]["images"] = uri
+    assert [p.path for p in validate_document(doc)[1]] == ["spec.concepts[0].images"]
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/x", "file:///abs", "pvc://claim/p", "tinv-runs", "./runs", "C:/data", "/abs/path"])
+def test_uris_that_can_work_pass(uri):
+    assert validate_document(job_doc(storage={"uri": uri}))[1] == []

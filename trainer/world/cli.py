@@ -1,0 +1,94 @@
+"""Command line of the shapes world (see :mod:`tinv.trainer.world.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import nets, train, weights
+
+
+def _steps(text: str) -> dict[str, int]:
+    steps = dict(train.FULL_STEPS)
+    for kv in filter(None, text.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in steps:
+            raise argparse.ArgumentTypeError(f"--steps: unknown stage {k!r}; stages: {', '.join(train.STAGES)}")
+        steps[k] = int(v)
+    return steps
+
+
+def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
+    out = Path(a.out)
+    cfg = train.Config(out=out, seed=a.seed, steps=a.steps, budget_minutes=a.budget_minutes,
+                       sizes=nets.MICRO if a.micro else nets.FULL)
+    if a.pool:
+        cfg.pool = a.pool
+    if a.micro:
+        cfg.pool, cfg.batch, cfg.checkpoint_every = 64, {k: 4 for k in cfg.batch}, 10**9
+    t0 = time.time()
+    records = train.train(cfg)
+    shutil.copy2(cfg.stage_dir("evaluator") / "evaluator.safetensors", out / "evaluator.safetensors")
+    manifest = {
+        "command": "python -m tinv.trainer.world " + shlex.join(argv),
+        "reproduce": "python -m tinv.trainer.world train OUT --seed {} --steps {}{}".format(
+            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), " --micro" if a.micro else ""),
+        "seed": a.seed,
+        "sizes": cfg.sizes.as_dict(),
+        "pool": cfg.pool,
+        "batch": cfg.batch,
+        "stages": records,
+        "wall_seconds_this_invocation": round(time.time() - t0, 1),
+        "versions": weights.versions(),
+        "threads": 1,
+    }
+    (out / weights.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({"out": str(out), "stages": records}))
+    return 0
+
+
+def cmd_install(a: argparse.Namespace, argv: list[str]) -> int:
+    dest = weights.install(Path(a.run), Path(a.dest) if a.dest else weights.WEIGHTS)
+    print(dest)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace, argv: list[str]) -> int:
+    from . import evaluate
+
+    root = Path(a.model)
+    rows = evaluate.report(root, n=a.n, seed=a.seed, steps=a.steps)
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m tinv.trainer.world")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train the shapes model (staged; resumes at the first unfinished stage)")
+    t.add_argument("out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap over all stages (default: none)")
+    t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
+                   help="steps per stage, e.g. clip=300,vae=2000,evaluator=800,unet=4000 (the default)")
+    t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
+    t.add_argument("--micro", action="store_true", help="a micro model and pool (tests: seconds)")
+    i = sub.add_parser("install", help="copy a finished run into the package's weights/ with its manifest")
+    i.add_argument("run")
+    i.add_argument("--dest", default=None)
+    e = sub.add_parser("evaluate", help="evaluator accuracy and prompt following of a run or weights folder")
+    e.add_argument("model", help="a run folder or weights folder (holding model/ and evaluator.safetensors)")
+    e.add_argument("--n", type=int, default=96, help="images per prompt")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=20, help="sampling steps")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return {"train": cmd_train, "install": cmd_install, "evaluate": cmd_evaluate}[a.cmd](a, argv)

@@ -1,0 +1,414 @@
+"""Staged, seeded training of the shapes model: ``python -m tinv.trainer.world train OUT --seed S``.
+
+Stages, in order (each saves its weights under ``OUT/stages/<name>/`` and a ``done.json``, so a
+run cut short keeps what it finished and a rerun resumes at the first unfinished stage):
+
+1. ``clip``: the world's CLIP -- ``CLIPTextModel`` and a small CNN image tower -- trained
+   contrastively on (scene, caption) pairs. Its text encoder is then frozen and conditions the UNet,
+   so the UNet gets informative text from its first step (the prototype's jointly trained encoder
+   left the text ignored for 14 minutes).
+2. ``vae``: ``AutoencoderKL`` on the world's images (L1 + MSE + a tiny KL), then its latent scale.
+3. ``evaluator``: a classifier of what is drawn (shape or mark), colour, background and style,
+   trained on fresh scenes and on their VAE reconstructions (it must read both).
+4. ``unet``: ``UNet2DConditionModel`` on cached latents of a fixed pool of scenes, epsilon
+   prediction with min-SNR-5 loss weights, 10 % empty captions (classifier-free guidance), an EMA
+   of the weights; the diffusers folder ``OUT/model`` is rewritten at every checkpoint.
+
+Determinism: every random draw comes from generators seeded by ``--seed`` and the stage, and the
+run uses one thread. ``--budget-minutes`` caps each stage's wall time at its share of the budget;
+the steps each stage actually ran go into ``OUT/manifest.json``, and rerunning with those step
+counts (``--steps clip=N,vae=N,...``) and no budget reproduces the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import nets, scenes
+
+log = logging.getLogger("tinv.world")
+
+STAGES = ("clip", "vae", "evaluator", "unet")
+# Steps of a full run (about 2 hours on 2 free cores) and each stage's share of a wall budget.
+FULL_STEPS = {"clip": 300, "vae": 2000, "evaluator": 800, "unet": 4000}
+BUDGET_SHARE = {"clip": 0.05, "vae": 0.21, "evaluator": 0.09, "unet": 0.65}
+BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
+POOL = 12000  # scenes whose latents the UNet trains on
+
+
+@dataclass
+class Config:
+    out: Path
+    seed: int = 0
+    steps: dict[str, int] = field(default_factory=lambda: dict(FULL_STEPS))
+    budget_minutes: float | None = None
+    sizes: nets.Sizes = nets.FULL
+    pool: int = POOL
+    batch: dict[str, int] = field(default_factory=lambda: dict(BATCH))
+    checkpoint_every: int = 250
+    vae_crop: int = 32  # VAE training crops (px); the full 64 px scene costs 4x as much
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / "stages" / name
+
+
+class Budget:
+    """Wall-clock cap for one stage (None: no cap)."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + minutes * 60
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _gen(cfg: Config, stage: str) -> torch.Generator:
+    return torch.Generator().manual_seed(cfg.seed * 1000 + STAGES.index(stage))
+
+
+def _rng(cfg: Config, stage: str, step: int = 0) -> random.Random:
+    return random.Random(f"{cfg.seed}:{stage}:{step}")
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _log(cfg: Config, **row) -> None:
+    row["t"] = round(time.time(), 1)
+    line = json.dumps(row)
+    log.info(line)
+    with open(cfg.out / "train-log.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def _tokenize(tok, captions: list[str]) -> torch.Tensor:
+    # Pad to the model length exactly as StableDiffusionPipeline does, so training sees what inference sees.
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def _pool(cfg: Config) -> tuple[list[scenes.Scene], np.ndarray]:
+    cache = cfg.out / "pool.npy"
+    sc = scenes.scenes(cfg.seed, cfg.pool)
+    if cache.exists():
+        arr = np.load(cache)
+        if len(arr) == len(sc):
+            return sc, arr
+    t = time.monotonic()
+    arr = scenes.render_array(sc)
+    np.save(cache, arr)
+    _log(cfg, stage="pool", scenes=len(sc), seconds=round(time.monotonic() - t, 1))
+    return sc, arr
+
+
+def _done(cfg: Config, stage: str) -> dict | None:
+    p = cfg.stage_dir(stage) / "done.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _mark_done(cfg: Config, stage: str, steps: int, seconds: float, **extra) -> dict:
+    info = {"stage": stage, "steps": steps, "planned_steps": cfg.steps[stage], "seconds": round(seconds, 1), **extra}
+    (cfg.stage_dir(stage) / "done.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---- 1. CLIP --------------------------------------------------------------------------------------
+
+
+def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
+    tok = nets.tokenizer()
+    g = _gen(cfg, "clip")
+    torch.manual_seed(g.initial_seed())
+    text = nets.text_encoder(tok, cfg.sizes)
+    tower = nets.image_tower(cfg.sizes)
+    proj = torch.nn.Linear(cfg.sizes.text_width, cfg.sizes.text_width, bias=False)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    params = list(text.parameters()) + list(tower.parameters()) + list(proj.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    total, b = cfg.steps["clip"], cfg.batch["clip"]
+    t0, step = time.monotonic(), 0
+    text.train()
+    for step in range(total):
+        if budget.over():
+            break
+        rng = _rng(cfg, "clip", step)
+        idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
+        caps = [scenes.caption(pool_scenes[i], rng) for i in idx.tolist()]
+        ids = _tokenize(tok, caps)
+        tf = F.normalize(proj(text(ids).pooler_output), dim=-1)
+        imf = F.normalize(tower(nets.to_tensor(pool_arr[idx.numpy()]))["proj"], dim=-1)
+        logits = logit_scale.exp().clamp(max=100) * imf @ tf.T
+        # Identical captions are positives of each other (the world repeats captions often).
+        same = torch.tensor([[a == c for c in caps] for a in caps], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step, total, 1e-3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            _log(cfg, stage="clip", step=step, loss=round(loss.item(), 4))
+    steps = step + 1 if total else 0
+    d = cfg.stage_dir("clip")
+    d.mkdir(parents=True, exist_ok=True)
+    text.eval()
+    text.save_pretrained(d / "text_encoder")
+    tok.save_pretrained(d / "tokenizer")
+    from safetensors.torch import save_file
+
+    save_file({**{f"tower.{k}": v for k, v in tower.state_dict().items()}, "proj.weight": proj.weight.detach(),
+               "logit_scale": logit_scale.detach().reshape(1)}, str(d / "clip_image.safetensors"))
+    return _mark_done(cfg, "clip", steps, time.monotonic() - t0)
+
+
+# ---- 2. VAE ---------------------------------------------------------------------------------------
+
+
+def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
+    g = _gen(cfg, "vae")
+    torch.manual_seed(g.initial_seed())
+    vae = nets.vae(cfg.sizes)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    total, b, crop = cfg.steps["vae"], cfg.batch["vae"], cfg.vae_crop
+    t0, step = time.monotonic(), 0
+    vae.train()
+    for step in range(total):
+        if budget.over():
+            break
+        idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
+        x = nets.to_tensor(pool_arr[idx.numpy()])
+        if crop < x.shape[-1]:
+            # The VAE is convolutional: random crops teach it the same local code at a fraction of the cost.
+            oy, ox = (int(v) * 8 for v in torch.randint(0, (x.shape[-1] - crop) // 8 + 1, (2,), generator=g))
+            x = x[:, :, oy : oy + crop, ox : ox + crop]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step, total, 1e-3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            _log(cfg, stage="vae", step=step, loss=round(loss.item(), 4), l1=round(l1.item(), 4))
+    steps = step + 1 if total else 0
+    vae.eval()
+    # SD's trick: scale latents to unit variance (SD 1.x's 0.18215), measured on the pool.
+    with torch.no_grad():
+        zs = torch.cat([vae.encode(nets.to_tensor(pool_arr[i : i + 256])).latent_dist.mean for i in range(0, min(2048, len(pool_arr)), 256)])
+    scale = float(1.0 / zs.std())
+    vae.register_to_config(scaling_factor=scale)
+    d = cfg.stage_dir("vae")
+    vae.save_pretrained(d / "vae")
+    return _mark_done(cfg, "vae", steps, time.monotonic() - t0, scaling_factor=round(scale, 5))
+
+
+def load_vae(cfg: Config):
+    from diffusers import AutoencoderKL
+
+    from safetensors.torch import load_file
+
+    # Built from config + weights rather than from_pretrained, which records the (run-specific)
+    # folder as _name_or_path in the config and would make the shipped files depend on it.
+    d = cfg.stage_dir("vae") / "vae"
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d))
+    vae.load_state_dict(load_file(str(d / "diffusion_pytorch_model.safetensors")))
+    return vae.eval()
+
+
+def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+
+# ---- 3. evaluator ---------------------------------------------------------------------------------
+
+
+def stage_evaluator(cfg: Config, budget: Budget) -> dict:
+    g = _gen(cfg, "evaluator")
+    torch.manual_seed(g.initial_seed())
+    ev = nets.evaluator(cfg.sizes)
+    vae = load_vae(cfg)
+    opt = torch.optim.AdamW(ev.parameters(), lr=2e-3, weight_decay=0.01)
+    total, b = cfg.steps["evaluator"], cfg.batch["evaluator"]
+    t0, step = time.monotonic(), 0
+    ev.train()
+    for step in range(total):
+        if budget.over():
+            break
+        # Fresh scenes every step (never the UNet's pool), half of them through the VAE.
+        batch = [scenes.sample_scene(_rng(cfg, "evaluator", step * b + i)) for i in range(b)]
+        x = nets.to_tensor(scenes.render_array(batch))
+        h = b // 2
+        x = torch.cat([x[:h], reconstruct(vae, x[h:])])
+        y = nets.labels(batch)
+        out = ev(x)
+        loss = sum(F.cross_entropy(out[k], y[k], ignore_index=-100) for k in out)
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step, total, 2e-3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            _log(cfg, stage="evaluator", step=step, loss=round(loss.item(), 4))
+    steps = step + 1 if total else 0
+    ev.eval()
+    d = cfg.stage_dir("evaluator")
+    d.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(ev.state_dict(), str(d / "evaluator.safetensors"))
+    return _mark_done(cfg, "evaluator", steps, time.monotonic() - t0)
+
+
+# ---- 4. UNet --------------------------------------------------------------------------------------
+
+
+def _pool_latents(cfg: Config, vae, pool_arr) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = cfg.stage_dir("unet") / "latents.pt"
+    if cache.exists():
+        d = torch.load(cache)
+        return d["mean"], d["std"]
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(pool_arr), 256):
+            post = vae.encode(nets.to_tensor(pool_arr[i : i + 256])).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    torch.save({"mean": mean, "std": std}, cache)
+    return mean, std
+
+
+def save_model(cfg: Config, unet, dest: Path) -> Path:
+    """Assemble the diffusers folder from the stages' parts (atomically: a reader never sees half)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=load_vae(cfg),
+        text_encoder=CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(cfg.stage_dir("clip") / "tokenizer"),
+        unet=unet,
+        scheduler=nets.scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
+    import copy
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    g = _gen(cfg, "unet")
+    torch.manual_seed(g.initial_seed())
+    d = cfg.stage_dir("unet")
+    d.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(cfg)
+    scale = vae.config.scaling_factor
+    tok = CLIPTokenizer.from_pretrained(cfg.stage_dir("clip") / "tokenizer")
+    text = CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder").eval().requires_grad_(False)
+    mean, std = _pool_latents(cfg, vae, pool_arr)
+    unet = nets.unet(cfg.sizes)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    sched = nets.scheduler()
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    total, b = cfg.steps["unet"], cfg.batch["unet"]
+    t0, step = time.monotonic(), 0
+    unet.train()
+    for step in range(total):
+        if budget.over():
+            break
+        rng = _rng(cfg, "unet", step)
+        idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
+        caps = ["" if rng.random() < 0.1 else scenes.caption(pool_scenes[i], rng) for i in idx.tolist()]
+        with torch.no_grad():
+            cond = text(_tokenize(tok, caps)).last_hidden_state
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        pred = unet(zt, t, cond).sample
+        w = (snr[t].clamp(max=5.0) / snr[t]).float()  # min-SNR-5 (epsilon target)
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        for pg in opt.param_groups:
+            pg["lr"] = _lr(step, total, 1e-3, warmup=100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 10 == 0:
+            _log(cfg, stage="unet", step=step, loss=round(loss.item(), 4))
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_model(cfg, ema, cfg.out / "model")
+            (d / "progress.json").write_text(json.dumps({"steps": step + 1}))
+            _log(cfg, stage="unet", checkpoint=step + 1)
+    steps = step + 1 if total else 0
+    save_model(cfg, ema, cfg.out / "model")
+    return _mark_done(cfg, "unet", steps, time.monotonic() - t0)
+
+
+# ---- the whole run --------------------------------------------------------------------------------
+
+
+def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run the stages not yet done; return the per-stage records."""
+    torch.set_num_threads(1)  # deterministic, and on a shared 2-core machine one thread is fastest
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    pool_scenes, pool_arr = _pool(cfg)
+    records = {}
+    deadline = None if cfg.budget_minutes is None else time.monotonic() + cfg.budget_minutes * 60
+    todo = [n for n in STAGES if n in stages and not _done(cfg, n)]
+    for name in STAGES:
+        if name not in stages:
+            continue
+        done = _done(cfg, name)
+        if done:
+            records[name] = done
+            continue
+        cfg.stage_dir(name).mkdir(parents=True, exist_ok=True)
+        # A stage gets its share of what is left, so time a stage leaves unused goes to the next.
+        share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[n] for n in todo[todo.index(name):])
+        budget = Budget(None if deadline is None else (deadline - time.monotonic()) * share / 60)
+        _log(cfg, stage=name, start=True, steps=cfg.steps[name])
+        if name == "clip":
+            records[name] = stage_clip(cfg, pool_scenes, pool_arr, budget)
+        elif name == "vae":
+            records[name] = stage_vae(cfg, pool_scenes, pool_arr, budget)
+        elif name == "evaluator":
+            records[name] = stage_evaluator(cfg, budget)
+        else:
+            records[name] = stage_unet(cfg, pool_scenes, pool_arr, budget)
+        _log(cfg, **records[name])
+    return records

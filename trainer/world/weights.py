@@ -1,0 +1,82 @@
+"""The trained shapes model shipped in the package (``weights/``), and its manifest.
+
+``weights/model/`` is an ordinary diffusers Stable Diffusion folder; ``weights/evaluator.safetensors``
+is the world's classifier; ``weights/manifest.json`` records the command, seed, steps actually run,
+library versions, timings and the SHA-256 of every file, which a test checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+MANIFEST = "manifest.json"
+
+
+def digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under root except the manifest, by POSIX relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+    import PIL
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}
+
+
+def model_dir(root: Path = WEIGHTS) -> Path:
+    return root / "model"
+
+
+def available(root: Path = WEIGHTS) -> bool:
+    return (root / MANIFEST).exists() and (model_dir(root) / "model_index.json").exists()
+
+
+def mismatches(root: Path = WEIGHTS) -> list[str]:
+    """Files that differ from the manifest (missing, changed, or not listed); [] when all agree."""
+    want = json.loads((root / MANIFEST).read_text())["files"]
+    have = digests(root)
+    bad = [f"{k}: missing" for k in want if k not in have]
+    bad += [f"{k}: digest differs" for k in want if k in have and have[k] != want[k]]
+    bad += [f"{k}: not in the manifest" for k in have if k not in want]
+    return bad
+
+
+def install(run: Path, dest: Path = WEIGHTS) -> Path:
+    """Copy a training run's model and evaluator into dest and write the manifest there."""
+    record = json.loads((run / MANIFEST).read_text())
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copytree(run / "model", tmp / "model")
+    shutil.copy2(run / "evaluator.safetensors", tmp / "evaluator.safetensors")
+    record["files"] = digests(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def model_folder(root: Path = WEIGHTS) -> Path:
+    """The shipped diffusers folder of builtin:shapes; a clear error when the package lacks it."""
+    from ..errors import ModelError
+
+    if not available(root):
+        raise ModelError(
+            f"builtin:shapes: no trained weights in {root} (this checkout or wheel ships none). Train them with "
+            "`python -m tinv.trainer.world train OUT` and install with `python -m tinv.trainer.world install OUT`"
+        )
+    return model_dir(root)
