@@ -84,7 +84,11 @@ class UI:
             return StorageView(problem=run.problem or "no run root yet (the operator has not accepted this job)")
         if run.root.startswith("pvc://") and run.problem:
             return StorageView(problem=run.problem)
-        view = read_job(self.source.store(run), run.root, self.tb)
+        try:
+            store = self.source.store(run)
+        except StorageError as err:  # e.g. an endpoint outside the operator's policy
+            return StorageView(problem=str(err))
+        view = read_job(store, run.root, self.tb)
         view.problem = view.problem or run.problem
         return view
 
@@ -208,8 +212,11 @@ class UI:
         elif run.root.startswith("pvc://") and run.problem:
             view = StorageView(problem=run.problem)
         else:
-            view = read_grid(self.source.store(run), run.root)
-            view.problem = view.problem or run.problem
+            try:
+                view = read_grid(self.source.store(run), run.root)
+                view.problem = view.problem or run.problem
+            except StorageError as err:  # e.g. an endpoint outside the operator's policy
+                view = StorageView(problem=str(err))
         events, logs, cluster_error = [], [], None
         if self.source.cluster:
             try:

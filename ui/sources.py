@@ -436,25 +436,33 @@ class KubeSource:
         as the chart sets them for both the operator and the UI)."""
         from tinv.api.validation import validate_document
         from tinv.operator import builders
-        from tinv.operator.config import from_args
 
-        if self._config is None:
-            self._config = from_args([], self.env)
         body = {k: obj.get(k) for k in ("apiVersion", "kind", "metadata", "spec")}
         model, problems = validate_document(body)
         if problems or model is None:
             return (obj.get("spec") or {}).get("storage") or {}, None
         try:
-            eff = builders.effective(model, self._config)
+            eff = builders.effective(model, self._operator_config())
         except builders.SpecError as err:
             return model.to_doc()["spec"].get("storage") or {}, str(err)
         return eff.model.spec.storage.to_doc(), None
 
-    def store(self, run: Run) -> Store:
-        from tinv.operator.poller import StorageReader
+    def _operator_config(self):
+        from tinv.operator.config import from_args
 
-        if self._reader is None:
-            self._reader = StorageReader(self.env)
+        if self._config is None:
+            self._config = from_args([], self.env)
+        return self._config
+
+    def store(self, run: Run) -> Store:
+        """The operator's own reader: its clients, timeouts and allowed endpoints (policy.allowedStorageEndpoints),
+        so the UI never calls an endpoint with these credentials that the operator would not; raises
+        StorageError (EndpointRefused) for one outside the policy."""
+        from tinv.operator.poller import PollLimits, StorageReader
+
+        with self._lock:
+            if self._reader is None:
+                self._reader = StorageReader(self.env, limits=PollLimits.from_config(self._operator_config()), workers=1)
         return self._reader.store_for(run.storage)
 
     # -- children

@@ -28,7 +28,7 @@ import yaml
 
 from cluster.operator_helpers import OperatorProcess, free_port
 from harness.nodeagent import NodeAgent
-from test_end_to_end import _operator_env_from_chart, _succeeded, _wait
+from test_end_to_end import _succeeded, _wait
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,14 +107,20 @@ class KubeletLogs:
         self.server.shutdown()
 
 
+def _chart_container(cp, agent: NodeAgent, ns: str, deployment: str) -> tuple[dict, dict[str, str]]:
+    """The container of one of the installed chart's Deployments and its env, with secretKeyRef and
+    fieldRef values resolved the kubelet's way (by the node agent, for a pod named after it)."""
+    manifest = cp.helm("get", "manifest", "tinv", "-n", ns).stdout
+    deploy = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment" and d["metadata"]["name"] == deployment)
+    pod = {"metadata": {"namespace": ns, "name": f"{deployment}-0"}, "spec": deploy["spec"]["template"]["spec"]}
+    container = pod["spec"]["containers"][0]
+    assert pod["spec"]["serviceAccountName"] == deployment
+    return container, agent._env(pod, container)
+
+
 def _ui_process(cp, agent: NodeAgent, ns: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     """`tinv ui` as the chart's UI Deployment runs it: its args, its env, the UI account's token."""
-    manifest = cp.helm("get", "manifest", "tinv", "-n", ns).stdout
-    deploy = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "tinv-ui")
-    pod = {"metadata": {"namespace": ns, "name": "tinv-ui"}, "spec": deploy["spec"]["template"]["spec"]}
-    (container,) = pod["spec"]["containers"]
-    assert pod["spec"]["serviceAccountName"] == "tinv-ui"
-    env = agent._env(pod, container)  # secretKeyRef / fieldRef resolved the kubelet's way
+    container, env = _chart_container(cp, agent, ns, "tinv-ui")
     port = free_port()
     args = [a for a in container["args"]]
     args[args.index("--port") + 1] = str(port)
@@ -170,13 +176,14 @@ def test_ui_shows_the_cluster_run(control_plane, tinv_crds, s3_server, tmp_path)
         "--set", "pollIntervalSeconds=1", "--set", "ui.enabled=true",
     )
 
-    env = _operator_env_from_chart(cp, ns)
+    agent = NodeAgent(cp, ns, tmp_path / "node", timeout=900)
+    container, env = _chart_container(cp, agent, ns, "tinv")
+    assert container["args"] == ["operator"]
     env.update({"KUBECONFIG": cp.token_kubeconfig(ns, "tinv"), "TINV_METRICS_PORT": str(free_port()), "TINV_HEALTH_PORT": str(free_port())})
     env.pop("TINV_TERMINATION_MESSAGE_PATH", None)
     op = OperatorProcess(cp, [ns], tmp_path / "operator", env=env)
     op.args = [sys.executable, "-m", "tinv.api.cli", "operator"]
     op.env = {k: v for k, v in {**os.environ, **env, "PYTHONUNBUFFERED": "1"}.items() if not k.startswith(("AWS_ENDPOINT", "TINV_CACHE"))}
-    agent = NodeAgent(cp, ns, tmp_path / "node", timeout=900)
     stop = threading.Event()
     serve = threading.Thread(target=agent.serve, args=("tinv.io/kind", stop), daemon=True)
 

@@ -43,7 +43,8 @@ def test_ui_is_off_by_default(helm):
 
 
 def test_ui_renders_a_deployment_a_clusterip_service_and_a_read_only_role(helm):
-    docs = _ui(_docs(helm, "ui.enabled=true", "defaults.storage.credentialsSecret=tinv-s3", "defaults.storage.endpoint=https://object.ord1.coreweave.com"))
+    docs = _ui(_docs(helm, "ui.enabled=true", "defaults.storage.credentialsSecret=tinv-s3", "defaults.storage.endpoint=https://object.ord1.coreweave.com",
+                     "policy.allowedStorageEndpoints={https://object.ord1.coreweave.com,cwobject.com}"))
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
     by = {d["kind"]: d for d in docs}
@@ -57,6 +58,7 @@ def test_ui_renders_a_deployment_a_clusterip_service_and_a_read_only_role(helm):
     env = {e["name"]: e for e in container["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "tinv-s3", "the operator's credentials, by reference"
     assert env["TINV_DEFAULT_STORAGE_ENDPOINT"]["value"] == "https://object.ord1.coreweave.com"
+    assert env["TINV_ALLOWED_STORAGE_ENDPOINTS"]["value"] == "https://object.ord1.coreweave.com,cwobject.com", "the operator's storage policy"
     rules = by["Role"]["rules"]
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in rules)
     resources = {res for r in rules for res in r["resources"]}

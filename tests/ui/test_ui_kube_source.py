@@ -75,6 +75,18 @@ def test_watch_follows_creates_status_and_deletes_with_the_ui_account(control_pl
         assert on_claim.root.startswith("pvc://team-claim/runs/") and "cannot read pvc://" in on_claim.problem
         cp.kubectl("delete", "tijob", "on-a-claim", "-n", ns)
 
+        # an endpoint outside the operator's storage policy is never called with the UI's credentials
+        policed = kube_source(ns, kubeconfig, env={**env, "TINV_ALLOWED_STORAGE_ENDPOINTS": "https://object.ord1.coreweave.com"})
+        elsewhere = {**job, "metadata": {"name": "elsewhere"}, "spec": {**job["spec"], "storage": {"uri": "s3://b/r", "endpoint": "https://attacker.example"}}}
+        cp.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(elsewhere))
+        from tinv.api.storage import StorageError
+
+        with pytest.raises(StorageError, match="not in the operator's allowed endpoints"):
+            policed.store(policed.run("job", ns, "elsewhere"))
+        policed.store(policed.run("job", ns, "watched"))  # the default endpoint is allowed
+        policed.close()
+        cp.kubectl("delete", "tijob", "elsewhere", "-n", ns)
+
         cp.kubectl("delete", "tijob", "watched", "-n", ns)
         _until(lambda: source.runs() == [], "the delete")
         assert not source.watch_errors, source.watch_errors

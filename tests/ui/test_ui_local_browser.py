@@ -99,6 +99,7 @@ def test_job_page_curves_checkpoints_downloads_and_snippet(site, page):
     acc = EventAccumulator(str(site["job_root"] / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     reported = acc.Scalars("train/loss")
+    assert page.page.is_visible("#loss-chart") and not page.page.is_visible("#no-scalars")
     drawn = page.page.evaluate("document.getElementById('loss-chart').data[0].x")
     assert len(drawn) == len(reported) == STEPS and drawn == [e.step for e in reported]
     assert page.page.evaluate("document.getElementById('loss-chart').data.length") == 2, "raw and smoothed loss"
@@ -198,6 +199,7 @@ def test_unreachable_storage_is_a_message_on_that_run(site, tmp_path):
             problem = p.page.inner_text("#storage-problem")
             assert "unreachable" in problem and "s3://nowhere/runs" in problem
             assert HOSTILE_TOKEN in p.page.inner_text("#hyperparameters"), "the spec still shows"
+            assert p.page.is_visible("#no-scalars") and not p.page.is_visible("#loss-chart"), "no empty axes"
             p.screenshot("ui-dead-storage")
         finally:
             p.close()

@@ -80,6 +80,8 @@ class Page:
         self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
         self.context.add_init_script(INIT_SCRIPT)
         self.page = self.context.new_page()
+        # generous: the first page of a run imports tensorboard and reads its event files, slow on a busy 2-core CI box
+        self.page.set_default_timeout(90_000)
         self.base = base
         self.tmp = tmp
         self.requests: list[str] = []

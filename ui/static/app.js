@@ -102,8 +102,13 @@ function jobPage() {
   const lrEl = document.getElementById("lr-chart");
   const weight = smoothingControl(draw);
 
+  const empty = document.getElementById("no-scalars");
   function draw() {
     if (!window.Plotly) return;
+    // nothing reported yet: the message, not two empty axes (they appear with the first points)
+    lossEl.hidden = lrEl.hidden = curves.loss.length === 0 && curves.lr.length === 0;
+    if (empty) empty.hidden = !lossEl.hidden;
+    if (lossEl.hidden) return;
     const steps = curves.loss.map((p) => p[0]);
     const values = curves.loss.map((p) => p[1]);
     const w = weight();
