@@ -28,7 +28,7 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     out = Path(a.out)
     cfg = train.Config(out=out, seed=a.seed, steps=a.steps, budget_minutes=a.budget_minutes,
                        sizes=nets.MICRO if a.micro else nets.FULL)
-    cfg.threads = a.threads
+    cfg.threads, cfg.device = a.threads, a.device
     if a.pool:
         cfg.pool = a.pool
     if a.micro:
@@ -39,7 +39,7 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     manifest = {
         "command": "python -m tinv.trainer.world " + shlex.join(argv),
         "reproduce": "python -m tinv.trainer.world train OUT --seed {} --steps {} --pool {} --threads {}{}".format(
-            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), cfg.pool, a.threads, " --micro" if a.micro else ""),
+            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), cfg.pool, a.threads, " --micro" if a.micro else "") + (f" --device {a.device}" if a.device != "cpu" else ""),
         "seed": a.seed,
         "sizes": cfg.sizes.as_dict(),
         "pool": cfg.pool,
@@ -48,6 +48,7 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
         "wall_seconds_this_invocation": round(time.time() - t0, 1),
         "versions": weights.versions(),
         "threads": a.threads,
+        "device": a.device,
     }
     (out / weights.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(json.dumps({"out": str(out), "stages": records}))
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
                    help="steps per stage, e.g. clip=300,vae=6000,evaluator=1500,unet=5500 (the default)")
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
+    t.add_argument("--device", default="cpu", help="cpu (default) or cuda; the seed fixes every draw, the device the arithmetic")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")
     t.add_argument("--micro", action="store_true", help="a micro model and pool (tests: seconds)")
     i = sub.add_parser("install", help="copy a finished run into the package's weights/ with its manifest")

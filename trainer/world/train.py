@@ -65,8 +65,13 @@ class Config:
     checkpoint_every: int = 250
     vae_crop: int = 32  # VAE training crops (px); the full 64 px scene costs 4x as much
     threads: int = 1  # torch threads; results are reproducible for a given count
+    device: str = "cpu"  # or "cuda": every random draw still comes from the seeded CPU generators
     vae_check_every: int = 250  # VAE steps between checks of its reconstructions by the evaluator
     vae_target: float = 0.98  # the VAE stage ends once the evaluator reads every attribute this well
+
+    @property
+    def dev(self) -> torch.device:
+        return torch.device(self.device)
 
     def stage_dir(self, name: str) -> Path:
         return self.out / "stages" / name
@@ -141,10 +146,11 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     tok = nets.tokenizer()
     g = _gen(cfg, "clip")
     torch.manual_seed(g.initial_seed())
-    text = nets.text_encoder(tok, cfg.sizes)
-    tower = nets.image_tower(cfg.sizes)
-    proj = torch.nn.Linear(cfg.sizes.text_width, cfg.sizes.text_width, bias=False)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    dev = cfg.dev
+    text = nets.text_encoder(tok, cfg.sizes).to(dev)
+    tower = nets.image_tower(cfg.sizes).to(dev)
+    proj = torch.nn.Linear(cfg.sizes.text_width, cfg.sizes.text_width, bias=False).to(dev)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=dev))
     params = list(text.parameters()) + list(tower.parameters()) + list(proj.parameters()) + [logit_scale]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     total, b = cfg.steps["clip"], cfg.batch["clip"]
@@ -156,12 +162,12 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         rng = _rng(cfg, "clip", step)
         idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
         caps = [scenes.caption(pool_scenes[i], rng) for i in idx.tolist()]
-        ids = _tokenize(tok, caps)
+        ids = _tokenize(tok, caps).to(dev)
         tf = F.normalize(proj(text(ids).pooler_output), dim=-1)
-        imf = F.normalize(tower(nets.to_tensor(pool_arr[idx.numpy()]))["proj"], dim=-1)
+        imf = F.normalize(tower(nets.to_tensor(pool_arr[idx.numpy()]).to(dev))["proj"], dim=-1)
         logits = logit_scale.exp().clamp(max=100) * imf @ tf.T
         # Identical captions are positives of each other (the world repeats captions often).
-        same = torch.tensor([[a == c for c in caps] for a in caps], dtype=torch.float32)
+        same = torch.tensor([[a == c for c in caps] for a in caps], dtype=torch.float32, device=dev)
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
         for pg in opt.param_groups:
@@ -174,13 +180,14 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     steps = step + 1 if total else 0
     d = cfg.stage_dir("clip")
     d.mkdir(parents=True, exist_ok=True)
-    text.eval()
+    text.eval().to("cpu")
+    tower.to("cpu")
     text.save_pretrained(d / "text_encoder")
     tok.save_pretrained(d / "tokenizer")
     from safetensors.torch import save_file
 
-    save_file({**{f"tower.{k}": v for k, v in tower.state_dict().items()}, "proj.weight": proj.weight.detach(),
-               "logit_scale": logit_scale.detach().reshape(1)}, str(d / "clip_image.safetensors"))
+    save_file({**{f"tower.{k}": v for k, v in tower.state_dict().items()}, "proj.weight": proj.weight.detach().cpu(),
+               "logit_scale": logit_scale.detach().cpu().reshape(1)}, str(d / "clip_image.safetensors"))
     return _mark_done(cfg, "clip", steps, time.monotonic() - t0)
 
 
@@ -190,7 +197,8 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
 def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     g = _gen(cfg, "vae")
     torch.manual_seed(g.initial_seed())
-    vae = nets.vae(cfg.sizes)
+    dev = cfg.dev
+    vae = nets.vae(cfg.sizes).to(dev)
     ev = load_evaluator(cfg)
     checks: list[dict] = []
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
@@ -201,13 +209,13 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         if budget.over():
             break
         idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
-        x = nets.to_tensor(pool_arr[idx.numpy()])
+        x = nets.to_tensor(pool_arr[idx.numpy()]).to(dev)
         if crop < x.shape[-1]:
             # The VAE is convolutional: random crops teach it the same local code at a fraction of the cost.
             oy, ox = (int(v) * 8 for v in torch.randint(0, (x.shape[-1] - crop) // 8 + 1, (2,), generator=g))
             x = x[:, :, oy : oy + crop, ox : ox + crop]
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev)
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
@@ -221,9 +229,9 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         if (step + 1) % cfg.vae_check_every == 0:
             from .evaluate import evaluator_accuracy
 
-            vae.eval()
+            vae.eval().to("cpu")
             acc = evaluator_accuracy(ev, vae, n=256, seed=cfg.seed * 1000 + 999)["reconstructed"]
-            vae.train()
+            vae.train().to(dev)
             checks.append({"step": step + 1, "reconstructed": acc})
             _log(cfg, stage="vae", check=step + 1, reconstructed=acc)
             if min(acc.values()) >= cfg.vae_target:
@@ -232,9 +240,10 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     vae.eval()
     # SD's trick: scale latents to unit variance (SD 1.x's 0.18215), measured on the pool.
     with torch.no_grad():
-        zs = torch.cat([vae.encode(nets.to_tensor(pool_arr[i : i + 256])).latent_dist.mean for i in range(0, min(2048, len(pool_arr)), 256)])
+        zs = torch.cat([vae.encode(nets.to_tensor(pool_arr[i : i + 256]).to(dev)).latent_dist.mean for i in range(0, min(2048, len(pool_arr)), 256)])
     scale = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=scale)
+    vae.to("cpu")
     d = cfg.stage_dir("vae")
     vae.save_pretrained(d / "vae")
     return _mark_done(cfg, "vae", steps, time.monotonic() - t0, scaling_factor=round(scale, 5), checks=checks)
@@ -272,7 +281,8 @@ def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
 def stage_evaluator(cfg: Config, budget: Budget) -> dict:
     g = _gen(cfg, "evaluator")
     torch.manual_seed(g.initial_seed())
-    ev = nets.evaluator(cfg.sizes)
+    dev = cfg.dev
+    ev = nets.evaluator(cfg.sizes).to(dev)
     opt = torch.optim.AdamW(ev.parameters(), lr=2e-3, weight_decay=0.01)
     total, b = cfg.steps["evaluator"], cfg.batch["evaluator"]
     t0, step = time.monotonic(), 0
@@ -288,8 +298,8 @@ def stage_evaluator(cfg: Config, budget: Budget) -> dict:
         imgs = imgs[: b // 2] + [im.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0))) for im in imgs[b // 2 :]]
         x = nets.to_tensor(np.stack([np.asarray(im) for im in imgs]))
         x[b // 2 :] += 0.03 * torch.randn(x[b // 2 :].shape, generator=g)
-        y = nets.labels(batch)
-        out = ev(x)
+        y = {k: v.to(dev) for k, v in nets.labels(batch).items()}
+        out = ev(x.to(dev))
         loss = sum(F.cross_entropy(out[k], y[k], ignore_index=-100) for k in out)
         for pg in opt.param_groups:
             pg["lr"] = _lr(step, total, 2e-3)
@@ -299,7 +309,7 @@ def stage_evaluator(cfg: Config, budget: Budget) -> dict:
         if step % 10 == 0:
             _log(cfg, stage="evaluator", step=step, loss=round(loss.item(), 4))
     steps = step + 1 if total else 0
-    ev.eval()
+    ev.eval().to("cpu")
     d = cfg.stage_dir("evaluator")
     d.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -319,9 +329,9 @@ def _pool_latents(cfg: Config, vae, pool_arr) -> tuple[torch.Tensor, torch.Tenso
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(pool_arr), 256):
-            post = vae.encode(nets.to_tensor(pool_arr[i : i + 256])).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
+            post = vae.encode(nets.to_tensor(pool_arr[i : i + 256]).to(cfg.dev)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     torch.save({"mean": mean, "std": std}, cache)
     return mean, std
@@ -334,6 +344,9 @@ def save_model(cfg: Config, unet, dest: Path) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    import copy
+
+    unet = copy.deepcopy(unet).to("cpu")  # the training copy may live on a GPU
     pipe = StableDiffusionPipeline(
         vae=load_vae(cfg),
         text_encoder=CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder"),
@@ -361,16 +374,17 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     torch.manual_seed(g.initial_seed())
     d = cfg.stage_dir("unet")
     d.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(cfg)
+    dev = cfg.dev
+    vae = load_vae(cfg).to(dev)
     scale = vae.config.scaling_factor
     tok = CLIPTokenizer.from_pretrained(cfg.stage_dir("clip") / "tokenizer")
-    text = CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder").eval().requires_grad_(False)
-    mean, std = _pool_latents(cfg, vae, pool_arr)
-    unet = nets.unet(cfg.sizes)
+    text = CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder").eval().requires_grad_(False).to(dev)
+    mean, std = (t.to(dev) for t in _pool_latents(cfg, vae, pool_arr))
+    unet = nets.unet(cfg.sizes).to(dev)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = nets.scheduler()
     alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
+    snr = (alphas / (1 - alphas)).to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     total, b = cfg.steps["unet"], cfg.batch["unet"]
     t0, step = time.monotonic(), 0
@@ -382,10 +396,11 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
         caps = ["" if rng.random() < 0.1 else scenes.caption(pool_scenes[i], rng) for i in idx.tolist()]
         with torch.no_grad():
-            cond = text(_tokenize(tok, caps)).last_hidden_state
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+            cond = text(_tokenize(tok, caps).to(dev)).last_hidden_state
+        di = idx.to(dev)
+        z0 = (mean[di] + std[di] * torch.randn(mean[di].shape, generator=g).to(dev)) * scale
+        noise = torch.randn(z0.shape, generator=g).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(dev)
         zt = sched.add_noise(z0, noise, t)
         pred = unet(zt, t, cond).sample
         w = (snr[t].clamp(max=5.0) / snr[t]).float()  # min-SNR-5 (epsilon target)
