@@ -20,7 +20,10 @@ folder; build a builtin), then :meth:`Located.tokenizer` and :meth:`Located.load
 does both.
 
 The result is a :class:`ModelBundle`. SD 1.x and 2.x have one text encoder; the bundle keeps a
-*list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite.
+*list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite. The
+bundle's ``family`` ("sd" or "sdxl") is recognised from the folder's components (SDXL: two text
+encoders and tokenizers; :mod:`.sdxl`), and the family-specific parts -- the text conditioning the
+UNet gets, the diffusers pipeline class, the native resolution -- are asked of the bundle.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .runtime import hf_token
 log = logging.getLogger("tinv.trainer")
 
 SD_COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+DEFAULT_RESOLUTION = 512  # training.resolution when unset, for SD 1.x/2.x (SDXL: its native size)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TextEncoderSlot:
 @dataclass
 class ModelBundle:
     source: str
-    family: str  # "sd" (1.x/2.x); "sdxl" reserved
+    family: str  # "sd" (1.x/2.x) or "sdxl"
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object  # the model's training noise scheduler (DDPMScheduler)
@@ -85,9 +89,34 @@ class ModelBundle:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def widths(self) -> list[int]:
+        """Token-embedding width of each text encoder (SD 1.x [768], SD 2.x [1024], SDXL [768, 1280])."""
+        return [s.width for s in self.text]
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the model was trained at: the default training resolution."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    def encode(self, vocab, prompts: list[str], initializer: bool = False):
+        """(encoder_hidden_states, pooled text embeds or None): the text conditioning of this family."""
+        if self.family == "sdxl":
+            from . import sdxl
+
+            return sdxl.encode(self, vocab, prompts, initializer=initializer)
+        dev = next(self.text_encoder.parameters()).device
+        return self.text_encoder(vocab.batch(prompts, initializer).to(dev))[0], None
+
     def pipeline(self, scheduler=None):
-        """A diffusers StableDiffusionPipeline over these very modules (no copy)."""
+        """A diffusers pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL) over
+        these very modules (no copy)."""
         from diffusers import StableDiffusionPipeline
+
+        if self.family == "sdxl":
+            from . import sdxl
+
+            return sdxl.pipeline(self, scheduler)
 
         return StableDiffusionPipeline(
             vae=self.vae,
@@ -101,16 +130,22 @@ class ModelBundle:
         )
 
 
+def default_resolution(bundle: ModelBundle) -> int:
+    """training.resolution when the spec sets none: 512 for SD 1.x/2.x (as always), the native size for
+    SDXL (1024 for SDXL base and builtin:sdxl-random; 64 for builtin:tiny-xl)."""
+    return bundle.native_resolution if bundle.family == "sdxl" else DEFAULT_RESOLUTION
+
+
 def _from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
-    return ModelBundle(
-        source=source,
-        family="sd",
-        unet=c["unet"],
-        vae=c["vae"],
-        scheduler=c["scheduler"],
-        text=[TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"])],
-        path=path,
-    )
+    if "text_encoder_2" in c:  # SDXL: both encoders, in the order of the UNet's concatenated input
+        from . import sdxl
+
+        text = [TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"], sdxl.FORMAT_KEYS[0]),
+                TextEncoderSlot("text_encoder_2", c["tokenizer_2"], c["text_encoder_2"], sdxl.FORMAT_KEYS[1])]
+        family = sdxl.FAMILY
+    else:
+        text, family = [TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"])], "sd"
+    return ModelBundle(source=source, family=family, unet=c["unet"], vae=c["vae"], scheduler=c["scheduler"], text=text, path=path)
 
 
 def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBundle:
@@ -126,10 +161,10 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
             raise ModelError(
                 f"{source} is not a diffusers Stable Diffusion folder: no model_index.json and no {', '.join(missing)}/"
             )
-    else:
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        if "XL" in cls:
-            raise ModelError(f"{source} is an SDXL model ({cls}); tinv trains SD 1.x and 2.x today (SDXL is planned)")
+    from . import sdxl
+
+    if sdxl.is_sdxl_folder(path):
+        return _from_components(source, sdxl.load_folder(path, source, variant), str(path))
     kw = {"variant": variant} if variant else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
@@ -215,7 +250,7 @@ def fetch_hub(repo_id: str, revision: str | None, variant: str | None, token: st
     cache = os.environ.get("HF_HUB_CACHE") or str(storage.cache_dir() / "hf")
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
     allow = ["model_index.json"]
-    for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+    for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):  # SDXL has the _2 ones
         allow += [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/{weights}"]
     ignore = [] if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     kw = dict(repo_id=repo_id, revision=revision, cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore, token=token)
@@ -254,11 +289,20 @@ def _tiny(source: str) -> dict:
     return tiny.build(source)
 
 
-#: builtin:<name> models built in code: name -> components (tokenizer, text_encoder, vae, unet, scheduler).
+def _tiny_xl(source: str) -> dict:
+    from . import sdxl
+
+    return sdxl.build(source)
+
+
+#: builtin:<name> models built in code: name -> components (tokenizer, text_encoder, vae, unet, scheduler;
+#: SDXL's also tokenizer_2, text_encoder_2).
 BUILTINS: dict[str, Callable[[str], dict]] = {
     "tiny": _tiny,
     "tiny-v": _tiny,
     "sd15-random": _tiny,  # SD 1.5's architecture with random weights: benchmarks only
+    "tiny-xl": _tiny_xl,  # a tiny SDXL (two encoders, text_time conditioning): tests
+    "sdxl-random": _tiny_xl,  # SDXL base's architecture with random weights: benchmarks only
 }
 
 
