@@ -26,8 +26,13 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 URI_RULE = Rule(
-    "self.startsWith('s3://') || self.startsWith('pvc://') || self.startsWith('file://') || !self.contains('://')",
-    "must be s3://bucket/prefix, pvc://claim/path, file:///path or a local path",
+    # A scheme must be spelled out in full and name what it needs (a bucket, a claim, an absolute
+    # path): 's3:/bad', 's3://', 'file://relative' or 'http://x' can never work, in a cluster or
+    # locally, so the apiserver refuses them instead of failing after creation. A plain path (no
+    # scheme) stays valid for `tinv run`; the operator refuses it with a condition in a cluster.
+    # A single-letter "scheme" is a Windows drive (C:/data).
+    "self.matches('^(s3://[^/]+|pvc://[^/]+|file:///)') || !self.matches('^[A-Za-z][-A-Za-z0-9+.]+:')",
+    "must be s3://bucket/prefix, pvc://claim/path, file:///absolute/path or a local path (a scheme needs '://' and a bucket, claim or absolute path)",
 )
 
 SchedulerName = Literal[
@@ -207,6 +212,14 @@ class RunPolicy(Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished child Job (not the resource, not outputs) after this many seconds; default: keep."
     )
+    managed_by: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="spec.managedBy of the child Job, e.g. kueue.x-k8s.io/multikueue (MultiKueue runs it in a worker cluster); "
+        "default: the Job controller of this cluster.",
+        json_schema_extra=cel(immutable("spec.runPolicy.managedBy")),
+    )
 
 
 class Condition(Model):
@@ -265,6 +278,14 @@ class Reason:
     CHECKPOINT_RECORDED = "CheckpointRecorded"
     OUTPUTS_DELETED = "OutputsDeleted"
     OUTPUTS_KEPT = "OutputsKept"
+    # operator issue 14: lost Jobs, terminating pods, deletion, grid references
+    JOB_DELETED = "JobDeleted"
+    JOB_FAILED = "JobFailed"
+    WAITING_FOR_PODS = "WaitingForPods"
+    DELETING = "Deleting"
+    CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
+    NO_CHECKPOINT = "NoCheckpoint"
+    REFERENCED_JOB_FAILED = "ReferencedJobFailed"
 
 
 class ExitCode:
@@ -321,6 +342,26 @@ class Workload(Model):
     job_name: str | None = Field(default=None, description="Name of the child batch/v1 Job.")
     config_map_name: str | None = Field(default=None, description="Name of the ConfigMap holding the resource document.")
     service_name: str | None = Field(default=None, description="Name of the headless Service for multi-worker rendezvous.")
+    # The record that makes a finished Job never run twice: written before the Job is created
+    # (jobGeneration) and once it exists (jobUid); a Job that disappears while recorded here is
+    # not re-created. Cleared only when the operator itself replaces the Job (a spec change
+    # applied while suspended).
+    job_generation: int | None = Field(
+        default=None, ge=0, description="The metadata.generation the child Job was created from (recorded before creating it)."
+    )
+    job_uid: str | None = Field(default=None, max_length=64, description="uid of the child Job the operator created.")
+
+
+class WorkerCounts(Model):
+    """The child Job's worker pods, as its status counts them (Kubeflow's replicaStatuses)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    active: int = Field(default=0, ge=0, description="Worker pods pending or running.")
+    ready: int = Field(default=0, ge=0, description="Worker pods running and ready.")
+    succeeded: int = Field(default=0, ge=0, description="Worker pods that finished successfully.")
+    failed: int = Field(default=0, ge=0, description="Worker pods that failed (over every retry).")
+    terminating: int = Field(default=0, ge=0, description="Worker pods being stopped.")
 
 
 class CheckpointRef(Model):
@@ -351,6 +392,7 @@ class BaseStatus(Model):
     completion_time: str | None = Field(default=None, description="When the workload finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Progress read from progress.json.")
     workload: Workload | None = Field(default=None, description="The child Job, ConfigMap and Service.")
+    workers: WorkerCounts | None = Field(default=None, description="Worker pods of the child Job: active, ready, succeeded, failed, terminating.")
     output_uri: str | None = Field(default=None, description="Root of this resource's outputs in storage.")
     message: str | None = Field(default=None, max_length=32768, description="Last workload summary (termination message).")
 
@@ -785,6 +827,9 @@ class GenerationGridStatus(BaseStatus):
     resolved_embeddings: list[ResolvedEmbedding] = Field(default_factory=list, description="Embeddings with 'latest' resolved to uuids.")
     gallery_uri: str | None = Field(default=None, description="URI of the gallery page (index.html).")
     index_uri: str | None = Field(default=None, description="URI of index.json, listing every image and its parameters.")
+    failed_shards: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=128, description="Shard indexes (JOB_COMPLETION_INDEX) whose worker failed, ascending."
+    )
 
 
 class GenerationGrid(Model):
@@ -817,3 +862,19 @@ class GenerationGrid(Model):
 
 
 RESOURCES: dict[str, type[Model]] = {"TextualInversionJob": TextualInversionJob, "GenerationGrid": GenerationGrid}
+
+
+# --------------------------------------------------------------------------- names every part shares
+# The operator, the trainer and the CLI read these from here (never from the operator's builders);
+# the exit-code contract is `ExitCode` above.
+
+TIJOB_KIND = "TextualInversionJob"
+GRID_KIND = "GenerationGrid"
+PLURALS: dict[str, str] = {kind: model.__crd__.plural for kind, model in RESOURCES.items()}  # type: ignore[attr-defined]
+
+
+class Annotation:
+    """Annotation keys the operator sets on child objects."""
+
+    SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
+    RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from

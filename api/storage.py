@@ -53,6 +53,7 @@ TENSORBOARD_DIR = "tensorboard"
 IMAGES_DIR = "images"
 INDEX_FILE = "index.json"
 GALLERY_FILE = "index.html"
+SHARDS_DIR = "shards"
 LOCAL_ROOT = "tinv-runs"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 
@@ -419,6 +420,11 @@ def job_of_run(folder: str) -> str | None:
     """The resource name of a run root (`<name>-<uid8>` or `<name>-local`), or None."""
     m = RUN_SUFFIX.match(folder.rstrip("/").rsplit("/", 1)[-1])
     return m.group("job") if m else None
+
+
+def job_of_checkpoint(uri: str) -> str | None:
+    """The resource name of the run holding a checkpoint folder `<root>/checkpoints/<uuid>`."""
+    return job_of_run(uri.rstrip("/").rsplit("/" + CHECKPOINTS_DIR + "/", 1)[0])
 
 
 def run_roots(store: Store, storage_uri: str | None, namespace: str | None, job: str | None = None) -> list[str]:

@@ -9,7 +9,7 @@
 Prints one JSON line per result: {"name", "value", "unit", "config", "git_revision", "device", ...}:
 
 - ``generate_images_per_second`` and ``generate_batch_latency_seconds`` for every (implementation,
-  batch size, compile) -- implementation ``tinv`` is :class:`tinv.trainer.generate.Engine` (what
+  batch size, compile) -- implementation ``tinv`` is :class:`tinv.trainer.engine.Engine` (what
   ``tinv generate`` runs: guidance batched into one UNet pass, per-image generators, fp32
   latents with bf16/fp16 weights, SDPA, batched VAE decode; on CUDA channels-last and fused QKV,
   optionally ``torch.compile``); ``diffusers`` is ``StableDiffusionPipeline.__call__`` on the very
@@ -90,7 +90,7 @@ def bench_diffusers(bundle, args, bs: int, dtype) -> dict:
     """A plain StableDiffusionPipeline call per batch: same modules, dtype, scheduler, steps, size."""
     import torch
 
-    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
+    from tinv.trainer import engine as E
 
     pipe = bundle.pipeline(E.make_scheduler(args.scheduler, E.scheduler_config(bundle)))
     pipe.set_progress_bar_config(disable=True)
@@ -112,7 +112,7 @@ def bench_diffusers(bundle, args, bs: int, dtype) -> dict:
 
 
 def bench_tinv(engine, args, bs: int) -> dict:
-    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
+    from tinv.trainer import grid as grids
 
     ps = prompts(bs)
     counter = [0]
@@ -134,7 +134,7 @@ def bench_tinv(engine, args, bs: int) -> dict:
 def bench_grid(args, bs: int, compile_: bool) -> dict:
     """`tinv generate` end to end on a synthetic grid (PNG + metadata + writes + progress + gallery)."""
     from tinv.api.models import GenerationGrid
-    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
+    from tinv.trainer import generate as G
 
     n_prompts = max(1, math.ceil(max(args.images, 2 * bs) / 4))
     with tempfile.TemporaryDirectory(prefix="tinv-bench-grid-") as tmp:
@@ -189,7 +189,7 @@ def main() -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
-    from tinv.trainer import generate as G, engine as E, grid as grids, runtime
+    from tinv.trainer import engine as E, runtime
     from tinv.trainer import models
 
     dtype = runtime.pick_dtype(args.precision, torch.device(args.device))

@@ -6,8 +6,13 @@
 #   kwok                                                               sigs.k8s.io/kwok/cmd/kwok (hack/kube)
 #   helm                                                               helm.sh/helm/v3/cmd/helm (hack/kube)
 #   versitygw (S3-compatible object store, POSIX backend)              github.com/versity/versitygw (hack/objstore)
+#   kueue (controller manager) + manifests.yaml                        sigs.k8s.io/kueue/cmd/kueue (hack/kueue)
 #
-# The versions are the ones pinned in hack/kube/go.mod and hack/objstore/go.mod. Binaries land in
+# Kueue's manifests.yaml (CRDs, webhook configurations, RBAC, ...) is rendered at build time from the
+# module's own config/default with `kubectl kustomize` (no network: the module source is in the Go
+# module cache after `go mod download`), so the harness applies exactly what that release installs.
+#
+# The versions are the ones pinned in hack/kube/go.mod, hack/objstore/go.mod and hack/kueue/go.mod. Binaries land in
 #   ${TINV_CACHE_DIR:-$HOME/.cache/tinv}/bin/<component>-<version>/
 # and are reused afterwards: a second run only checks that they are there. Everything in hack/kube is
 # built by ONE `go build`, so the Kubernetes packages that several commands share compile once.
@@ -43,12 +48,14 @@ modver() { awk -v m="$2" '($1 == m || ($1 == "require" && $2 == m)) { print ($1 
 
 KUBE_MOD="${ROOT}/hack/kube/go.mod"
 OBJ_MOD="${ROOT}/hack/objstore/go.mod"
+KUEUE_MOD="${ROOT}/hack/kueue/go.mod"
 KUBE_VERSION="$(modver "$KUBE_MOD" k8s.io/kubernetes)"
 ETCD_VERSION="$(modver "$KUBE_MOD" go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(modver "$KUBE_MOD" sigs.k8s.io/kwok)"
 HELM_VERSION="$(modver "$KUBE_MOD" helm.sh/helm/v3)"
 VGW_VERSION="$(modver "$OBJ_MOD" github.com/versity/versitygw)"
-for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION VGW_VERSION; do
+KUEUE_VERSION="$(modver "$KUEUE_MOD" sigs.k8s.io/kueue)"
+for v in KUBE_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION VGW_VERSION KUEUE_VERSION; do
   [ -n "${!v}" ] || die "could not read $v from the wrapper go.mod files"
 done
 
@@ -57,6 +64,7 @@ ETCD_DIR="${BIN}/etcd-${ETCD_VERSION}"
 KWOK_DIR="${BIN}/kwok-${KWOK_VERSION}"
 HELM_DIR="${BIN}/helm-${HELM_VERSION}"
 VGW_DIR="${BIN}/versitygw-${VGW_VERSION}"
+KUEUE_DIR="${BIN}/kueue-${KUEUE_VERSION}"
 
 # name  go package  destination
 KUBE_TARGETS=(
@@ -71,15 +79,20 @@ KUBE_TARGETS=(
 OBJ_TARGETS=(
   "versitygw github.com/versity/versitygw/cmd/versitygw ${VGW_DIR}"
 )
+KUEUE_TARGETS=(
+  "kueue sigs.k8s.io/kueue/cmd/kueue ${KUEUE_DIR}"
+)
+KUEUE_MANIFESTS="${KUEUE_DIR}/manifests.yaml"
 
 print_env_lines() {
   local t name pkg dir
-  for t in "${KUBE_TARGETS[@]}" "${OBJ_TARGETS[@]}"; do
+  for t in "${KUBE_TARGETS[@]}" "${OBJ_TARGETS[@]}" "${KUEUE_TARGETS[@]}"; do
     read -r name pkg dir <<<"$t"
     printf '%s=%s\n' "$(echo "$name" | tr 'a-z-' 'A-Z_')" "${dir}/${name}"
   done
-  printf 'KUBE_VERSION=%s\nETCD_VERSION=%s\nKWOK_VERSION=%s\nHELM_VERSION=%s\nVERSITYGW_VERSION=%s\n' \
-    "$KUBE_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" "$HELM_VERSION" "$VGW_VERSION"
+  printf 'KUEUE_MANIFESTS=%s\n' "$KUEUE_MANIFESTS"
+  printf 'KUBE_VERSION=%s\nETCD_VERSION=%s\nKWOK_VERSION=%s\nHELM_VERSION=%s\nVERSITYGW_VERSION=%s\nKUEUE_VERSION=%s\n' \
+    "$KUBE_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" "$HELM_VERSION" "$VGW_VERSION" "$KUEUE_VERSION"
 }
 
 # Targets of a list whose binary is not in the cache yet.
@@ -91,17 +104,21 @@ missing() {
   done
 }
 
+# Kueue counts as missing until both its binary and its rendered manifests are there.
+kueue_missing_now() { missing "${KUEUE_TARGETS[@]}"; [ -s "$KUEUE_MANIFESTS" ] || echo "manifests.yaml - ${KUEUE_DIR}"; }
+
 mapfile -t kube_missing < <(missing "${KUBE_TARGETS[@]}")
 mapfile -t obj_missing < <(missing "${OBJ_TARGETS[@]}")
+mapfile -t kueue_missing < <(kueue_missing_now)
 
-if [ "${#kube_missing[@]}" = 0 ] && [ "${#obj_missing[@]}" = 0 ]; then
-  say "reusing Kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, KWOK ${KWOK_VERSION}, helm ${HELM_VERSION}, versitygw ${VGW_VERSION} from ${BIN}"
+if [ "${#kube_missing[@]}" = 0 ] && [ "${#obj_missing[@]}" = 0 ] && [ "${#kueue_missing[@]}" = 0 ]; then
+  say "reusing Kubernetes ${KUBE_VERSION}, etcd ${ETCD_VERSION}, KWOK ${KWOK_VERSION}, helm ${HELM_VERSION}, versitygw ${VGW_VERSION}, Kueue ${KUEUE_VERSION} from ${BIN}"
   if [ "$print_env" = 1 ]; then print_env_lines; fi
   exit 0
 fi
 
 if [ "$check" = 1 ]; then
-  for t in "${kube_missing[@]}" "${obj_missing[@]}"; do
+  for t in "${kube_missing[@]}" "${obj_missing[@]}" "${kueue_missing[@]}"; do
     read -r name pkg dir <<<"$t"
     echo "cluster-bins: missing ${dir}/${name}" >&2
   done
@@ -121,6 +138,7 @@ if command -v flock >/dev/null; then
   say "taking the build lock ${BIN}/.lock (another build may hold it)"; flock 9
   mapfile -t kube_missing < <(missing "${KUBE_TARGETS[@]}")   # another process may have built them meanwhile
   mapfile -t obj_missing < <(missing "${OBJ_TARGETS[@]}")
+  mapfile -t kueue_missing < <(kueue_missing_now)
 fi
 
 JOBS="${TINV_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
@@ -172,6 +190,26 @@ if [ "${#obj_missing[@]}" -gt 0 ]; then
   build "${ROOT}/hack/objstore" \
     "-s -w -X main.Version=${VGW_VERSION} -X main.Build=tinv -X main.BuildTime=1970-01-01T00:00:00Z" \
     "${obj_missing[@]}"
+fi
+if [ "${#kueue_missing[@]}" -gt 0 ]; then
+  mapfile -t kueue_bins < <(missing "${KUEUE_TARGETS[@]}")
+  if [ "${#kueue_bins[@]}" -gt 0 ]; then
+    say "building Kueue ${KUEUE_VERSION} (controller manager with all its job integrations); a cold build takes 4-8 min on 2 cores"
+    build "${ROOT}/hack/kueue" \
+      "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION} -X sigs.k8s.io/kueue/pkg/version.GitCommit=${KUEUE_VERSION} -X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z" \
+      "${kueue_bins[@]}"
+  fi
+  # The release's own install manifests, from the module source that `go mod download` fetched.
+  (cd "${ROOT}/hack/kueue" && "$GO" mod download sigs.k8s.io/kueue) || die "could not download the sigs.k8s.io/kueue ${KUEUE_VERSION} module source"
+  kueue_src="$(cd "${ROOT}/hack/kueue" && "$GO" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  [ -f "${kueue_src}/config/default/kustomization.yaml" ] || die "no config/default in the sigs.k8s.io/kueue module source (${kueue_src:-not found})"
+  [ -x "${KUBE_DIR}/kubectl" ] || die "rendering Kueue's manifests needs ${KUBE_DIR}/kubectl"
+  say "rendering Kueue's manifests: kubectl kustomize ${kueue_src}/config/default"
+  mkdir -p "$KUEUE_DIR"
+  "${KUBE_DIR}/kubectl" kustomize "${kueue_src}/config/default" > "${KUEUE_MANIFESTS}.tmp" \
+    || { rm -f "${KUEUE_MANIFESTS}.tmp"; die "kubectl kustomize ${kueue_src}/config/default failed"; }
+  mv -f "${KUEUE_MANIFESTS}.tmp" "$KUEUE_MANIFESTS"
+  say "  ${KUEUE_MANIFESTS}"
 fi
 say "done in $((SECONDS - total_start)) s"
 if [ "$print_env" = 1 ]; then print_env_lines; fi

@@ -89,6 +89,13 @@ class OperatorConfig:
     health_port: int = 8080
     cleanup_retries: int = 5
     cluster_scan: bool = False
+    # high availability (operator/leader.py): one active replica, the others on standby
+    leader_election: bool = False
+    leader_election_namespace: str | None = None
+    leader_election_lease: str = "tinv-operator"
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
     cluster_wide: bool = False
     log_level: str = "INFO"
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -131,6 +138,11 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--metrics-port", "metrics_port", "TINV_METRICS_PORT", int, "Prometheus /metrics port (0: off)"),
     ("--health-port", "health_port", "TINV_HEALTH_PORT", int, "kopf liveness endpoint port, http://:PORT/healthz (0: off)"),
     ("--cleanup-retries", "cleanup_retries", "TINV_CLEANUP_RETRIES", int, "attempts to delete outputs (storage.cleanupOnDelete) before giving up with a warning"),
+    ("--leader-election-namespace", "leader_election_namespace", "TINV_LEADER_ELECTION_NAMESPACE", str, "namespace of the leader Lease (default: POD_NAMESPACE, else the first watched namespace)"),
+    ("--leader-election-lease", "leader_election_lease", "TINV_LEADER_ELECTION_LEASE", str, "name of the leader Lease"),
+    ("--lease-duration", "lease_duration", "TINV_LEASE_DURATION", float, "seconds a standby waits after the leader's last renewal before taking over"),
+    ("--renew-deadline", "renew_deadline", "TINV_RENEW_DEADLINE", float, "seconds the leader keeps trying to renew before it stops (less than --lease-duration)"),
+    ("--retry-period", "retry_period", "TINV_RETRY_PERIOD", float, "seconds between renewals and between a standby's attempts"),
     ("--log-level", "log_level", "TINV_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 
@@ -177,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(flag, action="append", dest=attr, metavar="VALUE", help=f"{help_}; repeatable; none given: anything [{env}]")
     p.add_argument("--no-gpu-toleration", action="store_true", default=None,
                    help="do not add the toleration nvidia.com/gpu:NoSchedule to GPU pods [TINV_NO_GPU_TOLERATION]")
+    p.add_argument("--leader-election", action="store_true", default=None,
+                   help="run several replicas: the one holding the leader Lease is active, the others wait [TINV_LEADER_ELECTION]")
     p.add_argument("--cluster-wide", action="store_true", default=None,
                    help="watch every namespace (needs a ClusterRole) instead of --namespace [TINV_CLUSTER_WIDE]")
     p.add_argument("--cluster-scan", action="store_true", default=None,
@@ -207,6 +221,9 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
     values["pod_annotation_prefixes"] = tuple(args.pod_annotation_prefixes or _split(env.get("TINV_POD_ANNOTATION_PREFIXES")))
     if args.no_gpu_toleration or _truthy(env.get("TINV_NO_GPU_TOLERATION")):
         values["gpu_toleration"] = False
+    if args.leader_election or _truthy(env.get("TINV_LEADER_ELECTION")):
+        values["leader_election"] = True
+        values.setdefault("leader_election_namespace", env.get("POD_NAMESPACE") or (values["namespaces"][:1] or (None,))[0])
     if args.cluster_wide or _truthy(env.get("TINV_CLUSTER_WIDE")):
         values["cluster_wide"] = True
     if args.cluster_scan or _truthy(env.get("TINV_CLUSTER_SCAN")):
@@ -233,6 +250,10 @@ def check(config: OperatorConfig) -> list[str]:
         problems.append("--poll-workers, --api-workers and --status-workers must be at least 1")
     if config.storage_addressing_style not in (None, "auto", "path", "virtual"):
         problems.append("--storage-addressing-style must be auto, path or virtual")
+    if config.leader_election and not (0 < config.retry_period < config.renew_deadline < config.lease_duration):
+        problems.append("leader election needs 0 < --retry-period < --renew-deadline < --lease-duration")
+    if config.leader_election and not config.leader_election_namespace:
+        problems.append("--leader-election needs --leader-election-namespace (or POD_NAMESPACE)")
     if config.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
         problems.append("--image-pull-policy must be Always, IfNotPresent or Never")
     return problems

@@ -8,7 +8,10 @@ process (tests) and nothing happens at import time.
 * create / update / resume: `Controller.reconcile()`; invalid specs raise kopf.PermanentError
   (a condition, no retry loop), transient API errors kopf.TemporaryError with back-off;
 * delete: only for resources with spec.storage.cleanupOnDelete (only those get the finalizer):
-  delete the outputs, a bounded number of attempts, then give up with a Warning Event;
+  delete the Job, wait for its pods (kopf.TemporaryError, never a sleep), then delete the outputs;
+  bounded in time and attempts, then the outputs are kept and a Warning says so (on the operator's
+  pod when the resource's namespace is terminating and takes no new Event);
+* Job DELETED events re-check the owner at once (a recorded Job is never created again);
 * startup: kopf settings (watch timeouts, annotation-based persistence, selectors) and the
   controller's status and poll tasks; cleanup: stop them.
 """
@@ -22,12 +25,12 @@ from typing import Any
 
 import kopf
 
-from tinv.api.models import GROUP, VERSION
+from tinv.api.models import GROUP, PLURALS, VERSION
 from tinv.api.models import Reason as R
 
 from . import builders as B
 from .config import OperatorConfig
-from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, Invalid, Retry, slim
+from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, GaveUp, Invalid, Retry, slim
 from .kube import ApiError
 from .status import job_view, pod_view, short
 
@@ -83,8 +86,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     # ---------------------------------------------------------------- indexes (the watch cache)
     @kopf.index("batch", "v1", "jobs", labels=SELECTOR, id=IDX_JOBS, registry=registry)
     async def tinv_jobs(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        controller.on_child(namespace, name)
-        return {(namespace, name): job_view(body)}
+        view = job_view(body)
+        controller.on_child(namespace, name, view)
+        return {(namespace, name): view}
 
     @kopf.index("v1", "pods", labels=SELECTOR, id=IDX_PODS, registry=registry)
     async def tinv_pods(namespace: str, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any] | None:
@@ -97,7 +101,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     @on.event("batch", "v1", "jobs", labels=SELECTOR, registry=registry)
     async def job_deleted(type: str, name: str, namespace: str, **_: Any) -> None:
         if type == "DELETED":
-            controller.on_child(namespace, name)
+            controller.on_job_deleted(namespace, name)
 
     @on.event("v1", "pods", labels=SELECTOR, registry=registry)
     async def pod_deleted(type: str, namespace: str, labels: kopf.Labels, **_: Any) -> None:
@@ -105,7 +109,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
         if type == "DELETED" and job:
             controller.on_child(namespace, job)
 
-    for kind, plural in B.PLURALS.items():
+    for kind, plural in PLURALS.items():
         _register_kind(registry, controller, config, metrics, kind, plural)
 
 
@@ -166,20 +170,38 @@ def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, conf
     def wants_cleanup(spec: kopf.Spec, **_: Any) -> bool:
         return bool((spec.get("storage") or {}).get("cleanupOnDelete"))
 
-    def cleanup_outputs(body: kopf.Body, retry: int, **_: Any) -> None:
+    def cleanup_outputs(body: kopf.Body, runtime: Any = None, **_: Any) -> None:
+        """Delete the workload, wait for its pods (kopf calls again: never a sleep here), then the
+        outputs. Bounded: pods get --termination-grace-seconds plus 30 s, storage --cleanup-retries
+        attempts; then the outputs are kept and a Warning says so, where a user can still read it."""
         plain = _plain(body)
         meta = plain.get("metadata", {})
-        attempts = max(1, config.cleanup_retries)
+        key = (kind, meta.get("namespace"), meta.get("name"))
+        elapsed = runtime.total_seconds() if runtime is not None else 0.0
         try:
-            message = controller.cleanup_outputs(kind, plain)
+            message = controller.cleanup_outputs(kind, plain, elapsed)
+        except Retry as err:
+            raise kopf.TemporaryError(str(err), delay=err.delay) from None
+        except GaveUp as err:
+            _gave_up(controller, kind, meta, str(err))
+            return
         except Exception as err:  # noqa: BLE001 - storage errors, unreachable endpoints ...
-            if retry + 1 < attempts:
-                raise kopf.TemporaryError(f"cannot delete the outputs yet ({short(str(err), 300)})", delay=min(60, 5 * 2**retry)) from None
-            controller.post_event(kind, meta, "Warning", R.OUTPUTS_KEPT,
-                                  f"gave up deleting the outputs after {attempts} attempts: {short(str(err), 600)}; they are kept")
-            controller.forget((kind, meta.get("namespace"), meta.get("name")))
+            attempt = controller.reconciler.cleanup_attempt(key)
+            if attempt < max(1, config.cleanup_retries):
+                raise kopf.TemporaryError(f"cannot delete the outputs yet ({short(str(err), 300)})", delay=min(10, 2**attempt)) from None
+            _gave_up(controller, kind, meta, f"gave up deleting the outputs after {attempt} attempts: {short(str(err), 600)}; they are kept")
             return
         controller.post_event(kind, meta, "Normal", R.OUTPUTS_DELETED, message)
-        controller.forget((kind, meta.get("namespace"), meta.get("name")))
+        controller.forget(key)
 
     on.delete(GROUP, VERSION, plural, id="cleanup-outputs", when=wants_cleanup, registry=registry)(cleanup_outputs)
+
+
+def _gave_up(controller: Controller, kind: str, meta: dict[str, Any], message: str) -> None:
+    """The clean-up stops: say so on the resource, and where a user can read it when the resource's
+    namespace takes no new Event (it is being deleted): an Event on the operator's pod, and the log."""
+    where = f"{kind} {meta.get('namespace')}/{meta.get('name')}"
+    log.warning("%s: %s", where, message)
+    if not controller.post_event(kind, meta, "Warning", R.OUTPUTS_KEPT, message):
+        controller.status.post_operator_event("Warning", R.OUTPUTS_KEPT, f"{where}: {message}")
+    controller.forget((kind, meta.get("namespace"), meta.get("name")))

@@ -14,13 +14,13 @@ import socket
 import threading
 from typing import Any
 
-from tinv.api.models import GROUP, VERSION
-
-from .builders import PLURALS
+from tinv.api.models import GROUP, PLURALS, VERSION
 
 log = logging.getLogger("tinv.operator")
 
 RETRYABLE = {409, 429, 500, 502, 503, 504}
+#: Accept header asking the apiserver for an object's metadata only (no spec, data or status).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class ApiError(Exception):
@@ -65,7 +65,7 @@ def path_for(kind: str, namespace: str, name: str | None = None, sub: str | None
         base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURALS[kind]}"
     elif kind == "Job":
         base = f"/apis/batch/v1/namespaces/{namespace}/jobs"
-    elif kind in ("ConfigMap", "Service", "Event", "Pod"):
+    elif kind in ("ConfigMap", "Service", "Event", "Pod", "Secret"):
         base = f"/api/v1/namespaces/{namespace}/{kind.lower()}s"
     else:
         raise ValueError(f"unsupported kind {kind}")
@@ -127,11 +127,12 @@ class Kube:
         body: Any = None,
         *,
         content_type: str = "application/json",
+        accept: str = "application/json",
         query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         try:
@@ -171,6 +172,11 @@ class Kube:
     # ------------------------------------------------------------------ verbs
     def get(self, path: str) -> dict[str, Any]:
         return self.request("GET", path)
+
+    def metadata(self, path: str) -> dict[str, Any]:
+        """GET an object as PartialObjectMetadata: its metadata only, never its data. This is how the
+        operator checks that a Secret exists without reading it (DESIGN.md: it never reads Secrets)."""
+        return self.request("GET", path, accept=METADATA_ONLY)
 
     def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", path, body)

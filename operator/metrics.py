@@ -10,6 +10,8 @@
     tinv_operator_status_read_failures_total{kind}         progress/manifest reads that failed
     tinv_operator_storage_poll_duration_seconds            one poll round over all resources (histogram)
     tinv_operator_storage_poll_targets                     resources read in the last poll round
+    tinv_operator_leader                                   1 while this replica holds the leader Lease, else 0
+    tinv_operator_storage_reads_in_flight                  storage reads still running (slow endpoints)
     tinv_operator_api_requests_total{verb,resource,code}   API requests the operator's own client made
                                                            (kopf's watches and its annotation patches excluded)
 
@@ -36,6 +38,8 @@ class Metrics:
     poll_seconds: Histogram
     poll_targets: Gauge
     api_requests: Counter
+    leader: Gauge
+    reads_in_flight: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -59,6 +63,8 @@ class Metrics:
             ),
             poll_targets=Gauge(f"{p}storage_poll_targets", "Resources read in the last poll round", registry=reg),
             api_requests=Counter(f"{p}api_requests", "Kubernetes API requests made by the operator's client", ["verb", "resource", "code"], registry=reg),
+            leader=Gauge(f"{p}leader", "1 while this replica holds the leader Lease (or runs without leader election)", registry=reg),
+            reads_in_flight=Gauge(f"{p}storage_reads_in_flight", "Storage reads still running", registry=reg),
         )
 
 

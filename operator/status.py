@@ -15,11 +15,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from pydantic import ValidationError
+
 from tinv.api.models import ConditionType as C
+from tinv.api.models import GRID_KIND as GRID
+from tinv.api.models import TIJOB_KIND as TIJOB
+from tinv.api.models import Annotation, GenerationGridStatus, TextualInversionJobStatus
 from tinv.api.models import Reason as R
 from tinv.api.storage import join
 
-from .builders import GPU_RESOURCE, GRID, TIJOB
+from .builders import COMPLETION_INDEX_ANNOTATION, GPU_RESOURCE, LABEL_OWNER_UID
+from .workers import worker_status
 
 
 QUEUED = R.QUEUED
@@ -43,6 +49,10 @@ WARNING_REASONS = {
     SPEC_CHANGE_PENDING,
     CONTAINER_CONFIG_ERROR,
     RETRYING,
+    R.JOB_DELETED,
+    R.CHECKPOINT_NOT_FOUND,
+    R.NO_CHECKPOINT,
+    R.REFERENCED_JOB_FAILED,
 }
 MAX_MESSAGE = 1024
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable")
@@ -79,8 +89,9 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "uid": meta.get("uid"),
         "suspend": bool(spec.get("suspend")),
         "completions": spec.get("completions"),
-        "specHash": (meta.get("annotations") or {}).get("tinv.io/spec-hash"),
-        "ownerUid": (meta.get("labels") or {}).get("tinv.io/owner-uid"),
+        "specHash": (meta.get("annotations") or {}).get(Annotation.SPEC_HASH),
+        "generation": (meta.get("annotations") or {}).get(Annotation.RESOURCE_GENERATION),
+        "ownerUid": (meta.get("labels") or {}).get(LABEL_OWNER_UID),
         "backoffLimit": spec.get("backoffLimit"),
         "backoffLimitPerIndex": spec.get("backoffLimitPerIndex"),
         "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
@@ -91,6 +102,8 @@ def job_view(body: dict[str, Any]) -> dict[str, Any]:
         "succeeded": st.get("succeeded", 0) or 0,
         "failed": st.get("failed", 0) or 0,
         "terminating": st.get("terminating", 0) or 0,
+        "failedIndexes": st.get("failedIndexes"),  # grid shards given up on (workers.worker_status)
+        "completedIndexes": st.get("completedIndexes"),
         "startTime": st.get("startTime"),
         "completionTime": st.get("completionTime"),
         "conditions": {
@@ -126,8 +139,8 @@ def pod_view(body: dict[str, Any]) -> dict[str, Any]:
             )
     return {
         "name": meta.get("name"),
-        "ownerUid": (meta.get("labels") or {}).get("tinv.io/owner-uid"),
-        "index": (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index"),
+        "ownerUid": (meta.get("labels") or {}).get(LABEL_OWNER_UID),
+        "index": (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION),
         "phase": st.get("phase", "Pending"),
         "node": (body.get("spec") or {}).get("nodeName"),
         "deleting": bool(meta.get("deletionTimestamp")),
@@ -293,9 +306,11 @@ class Facts:
 
     kind: str
     job_name: str
-    generation: int | None = None
+    generation: int | None = None  # the metadata.generation reconciled (status.observedGeneration)
     invalid: str | None = None  # InvalidSpec message: permanent until the spec changes
     waiting: tuple[str, str] | None = None  # (reason, message) of a grid waiting for a job
+    blocked: tuple[str, str] | None = None  # (reason, message): a grid reference that can never resolve
+    hold: tuple[str, str] | None = None  # (reason, message): the Job is not created yet (SecretMissing, WaitingForPods)
     resolved: list[dict[str, Any]] | None = None  # grid: resolved embeddings
     notice: tuple[str, str] | None = None  # (reason, message), e.g. a spec change not applied
     output_uri: str | None = None
@@ -305,6 +320,10 @@ class Facts:
     placement: str = ""  # "gpuClass=A100 region=ORD1 nvidia.com/gpu=2" for messages
     storage: dict[str, Any] | None = None  # the effective spec.storage (endpoint, addressing style)
     spec_hash: str = ""  # what the Job should carry in its tinv.io/spec-hash annotation
+    # status.workload's record of the Job created ({"jobGeneration", "jobUid"}); None: no Job created
+    record: dict[str, Any] | None = None
+    job_gone: bool = False  # the recorded Job is confirmed deleted (GET 404): never re-created
+    deleting: str | None = None  # the resource is being deleted: what the clean-up is doing
 
 
 # --------------------------------------------------------------------------- conditions
@@ -394,6 +413,37 @@ def _failure_reason(job_reason: str) -> str:
 
 # --------------------------------------------------------------------------- the status
 
+#: Failed reasons the operator decided itself (not the workload's outcome): they are re-checked on
+#: every reconcile and lifted when the cause is gone (the spec was fixed, the referenced job re-ran).
+RECOVERABLE_FAILURES = frozenset({R.INVALID_SPEC, R.CHECKPOINT_NOT_FOUND, R.NO_CHECKPOINT, R.REFERENCED_JOB_FAILED})
+INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class Observed:
+    """One status computation: its inputs and the status being built (`st`, `conds`)."""
+
+    kind: str
+    facts: Facts
+    old: dict[str, Any]
+    spec: dict[str, Any]
+    job: dict[str, Any] | None
+    pods: list[dict[str, Any]]
+    storage: StorageView | None
+    now: str
+    conds: Conditions
+    st: dict[str, Any]
+    prior: str  # the phase before this computation (after lifting an operator-made failure)
+    term: dict[str, Any] | None  # the newest container termination of the pods
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        return self.st.get("progress") or {}
+
+    def job_true(self, *types: str) -> dict[str, Any] | None:
+        jc = (self.job or {}).get("conditions") or {}
+        return next((jc[t] for t in types if (jc.get(t) or {}).get("status") == "True"), None)
+
 
 def compute_status(
     *,
@@ -407,26 +457,33 @@ def compute_status(
     storage: StorageView | None,
     now: str,
 ) -> dict[str, Any]:
-    """The whole status of a resource from what was observed. `old` is the current status."""
-    old = dict(old or {})
-    conds = Conditions(old.get("conditions"), generation, now)
-    st: dict[str, Any] = {}
-    phase = old.get("phase") or "Pending"
-    active_reason = R.TRAINING if kind == TIJOB else R.GENERATING
-    run_policy = spec.get("runPolicy") or {}
-    keep = int((spec.get("training") or {}).get("checkpointsKept", 3) or 3)
+    """The whole status of a resource from what was observed. `old` is the current status.
 
-    workload = {"jobName": facts.job_name, "configMapName": facts.job_name}
-    if facts.service_name:
-        workload["serviceName"] = facts.service_name
-    st["workload"] = workload
+    A short dispatcher: `_observe` gathers what every case shares (workload, progress,
+    checkpoints, the Accepted condition), `_case` names the situation, and one function per case
+    sets the phase and conditions. `observedGeneration` is the generation the handler reconciled
+    (facts.generation), not whatever the resource says now. The result is clamped to the CRD's
+    bounds, so a strange value in storage can never make the status write fail.
+    """
+    reconciled = facts.generation if facts.generation is not None else generation
+    o = _observe(kind, dict(old or {}), reconciled, spec, facts, job, pods, storage, now)
+    case = _case(o)
+    phase = CASES[case](o)
+    o.st.update(phase=phase, conditions=o.conds.to_list(), observedGeneration=reconciled)
+    _overlay_storage(o)
+    return clamp_status(kind, o.st)
+
+
+def _observe(kind: str, old: dict[str, Any], generation: int | None, spec: dict[str, Any], facts: Facts,
+             job: dict[str, Any] | None, pods: list[dict[str, Any]], storage: StorageView | None, now: str) -> Observed:
+    conds = Conditions(old.get("conditions"), generation, now)
+    st: dict[str, Any] = {"workload": _workload(facts)}
+    st.update(worker_status(kind, job, old))  # status.workers, status.failedShards
     if facts.output_uri:
         st["outputUri"] = facts.output_uri
     for key in ("startTime", "completionTime", "message"):
         if old.get(key):
             st[key] = old[key]
-
-    # ---- storage and termination message: progress and checkpoints
     term = _latest_termination(pods)
     term_doc = parse_termination(term.get("message")) if term else None
     progress = dict(old.get("progress") or {})
@@ -437,172 +494,402 @@ def compute_status(
     if progress:
         st["progress"] = progress
     if kind == TIJOB:
+        keep = int((spec.get("training") or {}).get("checkpointsKept", 3) or 3)
         sources: list[Iterable[Any]] = [old.get("checkpoints") or []]
         if old.get("latestCheckpoint"):
             sources.append([old["latestCheckpoint"]])
         if storage is not None:
             sources += [progress_checkpoints(storage.progress), storage.checkpoints]
-        if term_doc:
-            latest = term_doc.get("latestCheckpoint") or term_doc.get("latest_checkpoint")
-            if isinstance(latest, dict):
-                sources.append([latest])
+        latest = (term_doc or {}).get("latestCheckpoint") or (term_doc or {}).get("latest_checkpoint")
+        if isinstance(latest, dict):
+            sources.append([latest])
         cks = merge_checkpoints(keep, *sources)
         st["checkpoints"] = cks
         if cks:
             st["latestCheckpoint"] = cks[-1]
-    else:
-        if facts.resolved is not None:
-            st["resolvedEmbeddings"] = facts.resolved
-        elif old.get("resolvedEmbeddings"):
-            st["resolvedEmbeddings"] = old["resolvedEmbeddings"]
+    elif facts.resolved is not None:
+        st["resolvedEmbeddings"] = facts.resolved
+    elif old.get("resolvedEmbeddings"):
+        st["resolvedEmbeddings"] = old["resolvedEmbeddings"]
     if term:
         text = termination_summary(term.get("message"))
         if text:
             st["message"] = text
 
-    # ---- invalid: a permanent error with a condition, not a retry loop
-    if facts.invalid:
-        conds.set(C.ACCEPTED, False, R.INVALID_SPEC, facts.invalid)
-        conds.set(C.RUNNING, False, R.INVALID_SPEC, facts.invalid)
-        conds.set(C.FAILED, True, R.INVALID_SPEC, facts.invalid)
-        st.pop("workload", None)
-        st.update(phase="Failed", conditions=conds.to_list(), observedGeneration=generation)
-        st.setdefault("completionTime", now)
-        return st
-    failed_cond = conds.get(C.FAILED)
-    if failed_cond and failed_cond.get("reason") == R.INVALID_SPEC:
-        # the spec was fixed: the earlier refusal no longer holds
-        conds.set(C.FAILED, False, R.VALID, "the spec is valid now")
-        if phase == "Failed":
-            phase = "Pending"
+    prior = old.get("phase") or "Pending"
+    failed = conds.get(C.FAILED)
+    lifted = failed and failed.get("status") == "True" and failed.get("reason") in RECOVERABLE_FAILURES
+    if lifted and not (facts.invalid and failed.get("reason") == R.INVALID_SPEC) and not (facts.blocked and failed.get("reason") == facts.blocked[0]):
+        # the operator's own refusal no longer holds (the spec was fixed, the reference resolves)
+        conds.set(C.FAILED, False, R.VALID, "the spec is valid now" if failed.get("reason") == R.INVALID_SPEC else "the reference resolves now")
+        if prior == "Failed":
+            prior = "Pending"
             st.pop("completionTime", None)
-    accepted = f"spec accepted; workload: Job {facts.job_name}"
-    if facts.notice:
-        conds.set(C.ACCEPTED, True, facts.notice[0], facts.notice[1])
-    else:
-        conds.set(C.ACCEPTED, True, R.VALID, accepted)
-
-    # ---- a grid waiting for its TextualInversionJob(s)
-    if facts.waiting and job is None:
-        reason, message = facts.waiting
-        conds.set(C.WAITING, True, reason, message)
-        conds.set(C.RUNNING, False, reason, message)
-        st.update(phase="Waiting", conditions=conds.to_list(), observedGeneration=generation)
-        return st
-    if conds.is_true(C.WAITING):
+    if not facts.invalid:
+        if facts.notice:
+            conds.set(C.ACCEPTED, True, facts.notice[0], facts.notice[1])
+        else:
+            conds.set(C.ACCEPTED, True, R.VALID, f"spec accepted; workload: Job {facts.job_name}")
+    if conds.is_true(C.WAITING) and not facts.waiting and not facts.blocked:
         done = ", ".join(f"{e.get('job')}@{e.get('checkpoint')}" for e in (facts.resolved or []) if e.get("job"))
         conds.set(C.WAITING, False, RESOLVED, f"resolved {done}" if done else "embeddings resolved")
+    return Observed(kind, facts, old, spec, job, pods, storage, now, conds, st, prior, term)
 
-    placement = facts.placement
-    if job is None:
-        if phase in TERMINAL:
-            # the finished Job was removed (ttlSecondsAfterFinished): the outcome stays
-            st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
-            return _overlay_storage(st, conds, storage, kind)
-        conds.set(C.RUNNING, False, R.JOB_CREATED, f"creating Job {facts.job_name}")
-        st.update(phase="Pending", conditions=conds.to_list(), observedGeneration=generation)
-        return _overlay_storage(st, conds, storage, kind)
 
-    jc = job.get("conditions") or {}
+def _workload(facts: Facts) -> dict[str, Any]:
+    workload: dict[str, Any] = {"jobName": facts.job_name, "configMapName": facts.job_name}
+    if facts.service_name:
+        workload["serviceName"] = facts.service_name
+    for key in ("jobGeneration", "jobUid"):
+        if (facts.record or {}).get(key) is not None:
+            workload[key] = facts.record[key]
+    return workload
 
-    def true(t: str) -> dict[str, Any] | None:
-        c = jc.get(t)
-        return c if c and c.get("status") == "True" else None
 
-    if job.get("startTime") and not st.get("startTime"):
-        st["startTime"] = job["startTime"]
+def _case(o: Observed) -> str:
+    """The name of the situation: the key of CASES."""
+    f = o.facts
+    if f.deleting is not None:
+        return "deleting"
+    if f.invalid:
+        return "invalid"
+    if f.blocked:
+        return "blocked"
+    if f.waiting and o.job is None:
+        return "waiting"
+    if o.job is None:
+        if o.prior in TERMINAL:
+            return "finished_and_removed"
+        if f.job_gone:
+            return "job_gone"
+        if f.hold:
+            return "held"
+        if (f.record or {}).get("jobUid"):
+            return "job_missing"
+        return "creating"
+    if o.job_true("Complete", "SuccessCriteriaMet"):
+        return "succeeded"
+    if o.job_true("Failed", "FailureTarget"):
+        return "failed"
+    if o.job.get("suspend"):
+        return "suspended" if ((o.spec.get("runPolicy") or {}).get("suspend") or not f.queue) else "queued"
+    return "active"
 
-    done = true("Complete") or true("SuccessCriteriaMet")
-    failed = true("Failed") or true("FailureTarget")
-    if done:
-        phase = "Succeeded"
-        msg = st.get("message") or f"Job {facts.job_name} completed"
-        conds.set(C.SUCCEEDED, True, R.COMPLETED, msg)
-        conds.set(C.RUNNING, False, R.COMPLETED, msg)
-        if conds.is_true(C.SUSPENDED):
-            conds.set(C.SUSPENDED, False, R.RESUMED, "finished")
-        st["completionTime"] = st.get("completionTime") or job.get("completionTime") or now
-        if kind == GRID and facts.output_uri:
-            st["galleryUri"] = join(facts.output_uri, "images", "index.html")
-            st["indexUri"] = join(facts.output_uri, "images", "index.json")
-    elif failed:
-        phase = "Failed"
-        reason = _failure_reason(failed.get("reason", ""))
-        detail = failed.get("message") or failed.get("reason") or "the Job failed"
-        if term and term.get("exitCode") not in (None, 0):
-            detail = f"{detail}; last exit code {term['exitCode']}"
-        if st.get("message"):
-            detail = f"{detail}: {st['message']}"
-        conds.set(C.FAILED, True, reason, detail)
-        config_error = _terminated_config_error(term)
-        conds.set(C.RUNNING, False, config_error[0] if config_error else reason, config_error[1] if config_error else detail)
-        st["completionTime"] = st.get("completionTime") or job.get("completionTime") or now
-    elif job.get("suspend") and (run_policy.get("suspend") or not facts.queue):
-        phase = "Suspended"
-        latest = (st.get("latestCheckpoint") or {}).get("uuid")
-        msg = "suspended: pods deleted, checkpoints kept" + (f" (newest {latest})" if latest else "")
-        msg += "; set spec.runPolicy.suspend=false to resume from the newest checkpoint"
-        conds.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, msg)
-        conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
-    elif job.get("suspend"):
-        phase = "Pending"
-        msg = f"waiting for Kueue to admit the Job in queue {facts.queue}"
-        conds.set(C.RUNNING, False, QUEUED, msg)
-    else:
-        if conds.is_true(C.SUSPENDED):
-            latest = (st.get("latestCheckpoint") or {}).get("uuid")
-            conds.set(C.SUSPENDED, False, R.RESUMED, "resumed" + (f" from checkpoint {latest}" if latest else ""))
-        live = [p for p in pods if p.get("phase") in ("Pending", "Running") and not p.get("deleting")]
-        running = [p for p in live if p.get("phase") == "Running"]
-        issues = [i for i in (pod_issue(p, placement) for p in live if p.get("phase") == "Pending") if i]
-        failed_pods = [p for p in pods if p.get("phase") == "Failed"]
-        if running:
-            phase = "Running"
-            nodes = sorted({p["node"] for p in running if p.get("node")})
-            conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(running)}/{facts.workers} pod(s) running on {', '.join(nodes) or 'nodes'}")
-            if issues:
-                conds.set(C.RUNNING, True, issues[0][0], f"{len(running)}/{facts.workers} workers running; {issues[0][1]}")
-            else:
-                where = progress.get("summary")
-                conds.set(C.RUNNING, True, active_reason, f"{'training' if kind == TIJOB else 'generating'}" + (f": {where}" if where else ""))
+
+# ---- one function per case: set conditions, return the phase
+
+
+def _deleting(o: Observed) -> str:
+    o.conds.set(C.RUNNING, False, R.DELETING, o.facts.deleting or "being deleted")
+    return o.prior
+
+
+def _invalid(o: Observed) -> str:
+    msg = o.facts.invalid or ""
+    for type_ in (C.ACCEPTED, C.RUNNING):
+        o.conds.set(type_, False, R.INVALID_SPEC, msg)
+    o.conds.set(C.FAILED, True, R.INVALID_SPEC, msg)
+    o.st.pop("workload", None)
+    o.st.setdefault("completionTime", o.now)
+    return "Failed"
+
+
+def _blocked(o: Observed) -> str:
+    """A grid whose reference can never resolve (its spec.embeddings are immutable): Failed, with why."""
+    reason, msg = o.facts.blocked or ("", "")
+    o.conds.set(C.WAITING, False, reason, msg)
+    o.conds.set(C.RUNNING, False, reason, msg)
+    o.conds.set(C.FAILED, True, reason, msg)
+    o.st.setdefault("completionTime", o.now)
+    return "Failed"
+
+
+def _waiting(o: Observed) -> str:
+    reason, message = o.facts.waiting or ("", "")
+    o.conds.set(C.WAITING, True, reason, message)
+    o.conds.set(C.RUNNING, False, reason, message)
+    return "Waiting"
+
+
+def _finished_and_removed(o: Observed) -> str:
+    """The finished Job was removed (ttlSecondsAfterFinished, or by hand): the outcome stays."""
+    return o.prior
+
+
+def _job_gone(o: Observed) -> str:
+    """The recorded Job was deleted before its outcome reached status. It is never re-created (that
+    could run finished work twice); progress.json's final state tells how it ended."""
+    name = o.facts.job_name
+    state = final_state(o.storage)
+    if state == "succeeded":
+        msg = f"Job {name} finished and was removed before the operator recorded it; progress.json says it succeeded"
+        o.conds.set(C.SUCCEEDED, True, R.COMPLETED, msg)
+        o.conds.set(C.RUNNING, False, R.COMPLETED, msg)
+        o.st["completionTime"] = o.st.get("completionTime") or o.progress.get("updatedAt") or o.now
+        _grid_outputs(o)
+        return "Succeeded"
+    if state == "failed":
+        detail = (o.storage.progress or {}).get("message") if o.storage else None
+        msg = f"Job {name} failed and was removed before the operator recorded it (progress.json: failed{f': {detail}' if detail else ''})"
+        o.conds.set(C.FAILED, True, R.JOB_FAILED, msg)
+        o.conds.set(C.RUNNING, False, R.JOB_FAILED, msg)
+        o.st["completionTime"] = o.st.get("completionTime") or o.now
+        return "Failed"
+    if o.storage is None or o.storage.error:
+        why = f"storage: {o.storage.error}" if o.storage and o.storage.error else "reading progress.json"
+        o.conds.set(C.RUNNING, False, R.JOB_DELETED, f"Job {name} is gone; not re-created until its outcome is known ({why})")
+        return "Pending" if o.prior == "Running" else o.prior
+    where = o.progress.get("summary")
+    latest = (o.st.get("latestCheckpoint") or {}).get("uuid")
+    seen = "its progress cannot be read (pvc:// storage)" if o.storage.unsupported else f"progress.json does not say it finished{f' ({where})' if where else ''}"
+    msg = (f"Job {name} was deleted before it finished and {seen}; it is not re-created, so no work runs twice. "
+           + (f"Its checkpoints are kept (newest {latest}); " if latest else "")
+           + "to continue, create a new resource" + (" with spec.resumeFrom.job naming this one" if o.kind == TIJOB else ""))
+    o.conds.set(C.FAILED, True, R.JOB_DELETED, msg)
+    o.conds.set(C.RUNNING, False, R.JOB_DELETED, msg)
+    o.st["completionTime"] = o.st.get("completionTime") or o.now
+    return "Failed"
+
+
+def _job_missing(o: Observed) -> str:
+    """The recorded Job is not in the watch: the reconciler is asking the apiserver (a moment)."""
+    return o.prior
+
+
+def _held(o: Observed) -> str:
+    reason, msg = o.facts.hold or ("", "")
+    if reason == R.UNSCHEDULABLE:
+        o.conds.set(C.SCHEDULED, False, reason, msg)
+    o.conds.set(C.RUNNING, False, reason, msg)
+    return "Pending"
+
+
+def _creating(o: Observed) -> str:
+    o.conds.set(C.RUNNING, False, R.JOB_CREATED, f"creating Job {o.facts.job_name}")
+    return "Pending"
+
+
+def _succeeded(o: Observed) -> str:
+    job = o.job or {}
+    msg = o.st.get("message") or f"Job {o.facts.job_name} completed"
+    o.conds.set(C.SUCCEEDED, True, R.COMPLETED, msg)
+    o.conds.set(C.RUNNING, False, R.COMPLETED, msg)
+    if o.conds.is_true(C.SUSPENDED):
+        o.conds.set(C.SUSPENDED, False, R.RESUMED, "finished")
+    _started(o)
+    o.st["completionTime"] = o.st.get("completionTime") or job.get("completionTime") or o.now
+    _grid_outputs(o)
+    return "Succeeded"
+
+
+def _failed(o: Observed) -> str:
+    job, term = o.job or {}, o.term
+    failed = o.job_true("Failed", "FailureTarget") or {}
+    reason = _failure_reason(failed.get("reason", ""))
+    detail = failed.get("message") or failed.get("reason") or "the Job failed"
+    if term and term.get("exitCode") not in (None, 0):
+        detail = f"{detail}; last exit code {term['exitCode']}"
+    if o.st.get("message"):
+        detail = f"{detail}: {o.st['message']}"
+    o.conds.set(C.FAILED, True, reason, detail)
+    config_error = _terminated_config_error(term)
+    o.conds.set(C.RUNNING, False, *(config_error or (reason, detail)))
+    _started(o)
+    o.st["completionTime"] = o.st.get("completionTime") or job.get("completionTime") or o.now
+    return "Failed"
+
+
+def _suspended(o: Observed) -> str:
+    latest = (o.st.get("latestCheckpoint") or {}).get("uuid")
+    msg = "suspended: pods deleted, checkpoints kept" + (f" (newest {latest})" if latest else "")
+    msg += "; set spec.runPolicy.suspend=false to resume from the newest checkpoint"
+    o.conds.set(C.SUSPENDED, True, R.SUSPENDED_BY_USER, msg)
+    o.conds.set(C.RUNNING, False, R.SUSPENDED_BY_USER, msg)
+    _unschedule(o.conds, R.SUSPENDED_BY_USER, msg)
+    _started(o)
+    return "Suspended"
+
+
+def _queued(o: Observed) -> str:
+    msg = f"waiting for Kueue to admit the Job in queue {o.facts.queue}"
+    o.conds.set(C.RUNNING, False, QUEUED, msg)
+    _unschedule(o.conds, QUEUED, msg)  # pre-empted: its pods are gone, so is its placement
+    _started(o)
+    return "Pending"
+
+
+def _unschedule(conds: Conditions, reason: str, message: str) -> None:
+    """A suspended or pre-empted Job has no pods: Scheduled=True would still name their nodes."""
+    if conds.is_true(C.SCHEDULED):
+        conds.set(C.SCHEDULED, False, reason, message)
+
+
+def _active(o: Observed) -> str:
+    """An unsuspended, unfinished Job: Running when a pod runs, else why not (scheduler, kubelet, retry)."""
+    f, job, pods, conds = o.facts, o.job or {}, o.pods, o.conds
+    _started(o)
+    if conds.is_true(C.SUSPENDED):
+        latest = (o.st.get("latestCheckpoint") or {}).get("uuid")
+        conds.set(C.SUSPENDED, False, R.RESUMED, "resumed" + (f" from checkpoint {latest}" if latest else ""))
+    live = [p for p in pods if p.get("phase") in ("Pending", "Running") and not p.get("deleting")]
+    running = [p for p in live if p.get("phase") == "Running"]
+    issues = [i for i in (pod_issue(p, f.placement) for p in live if p.get("phase") == "Pending") if i]
+    if running:
+        nodes = sorted({p["node"] for p in running if p.get("node")})
+        conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(running)}/{f.workers} pod(s) running on {', '.join(nodes) or 'nodes'}")
+        if issues:
+            conds.set(C.RUNNING, True, issues[0][0], f"{len(running)}/{f.workers} workers running; {issues[0][1]}")
         else:
-            phase = "Pending"
-            if issues:
-                reason, msg = issues[0]
-                if reason == R.UNSCHEDULABLE:
-                    conds.set(C.SCHEDULED, False, reason, msg)
-                else:
-                    conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, "pods bound to nodes")
-                conds.set(C.RUNNING, False, reason, msg)
-            elif live:
-                bound = [p for p in live if p.get("node")]
-                if bound:
-                    conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(bound)} pod(s) on {', '.join(sorted({p['node'] for p in bound}))}")
-                    conds.set(C.RUNNING, False, STARTING, "containers starting")
-                else:
-                    conds.set(C.RUNNING, False, STARTING, "pods waiting for the scheduler")
-            elif failed_pods and (job.get("failed") or 0) > 0:
-                last = termination_summary(term.get("message")) if term else None
-                code = term.get("exitCode") if term else None
-                msg = f"retrying after a pod exited{f' with code {code}' if code is not None else ''}" + (f": {last}" if last else "")
-                msg += "; the retry resumes from the newest checkpoint" if kind == TIJOB else ""
-                config_error = _terminated_config_error(term)
-                if config_error:
-                    conds.set(C.RUNNING, False, config_error[0], config_error[1])
-                else:
-                    conds.set(C.RUNNING, False, RETRYING, msg)
-            else:
-                conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {facts.job_name} created; waiting for its pods")
-    st.update(phase=phase, conditions=conds.to_list(), observedGeneration=generation)
-    return _overlay_storage(st, conds, storage, kind)
+            where = o.progress.get("summary")
+            active = R.TRAINING if o.kind == TIJOB else R.GENERATING
+            conds.set(C.RUNNING, True, active, ("training" if o.kind == TIJOB else "generating") + (f": {where}" if where else ""))
+        return "Running"
+    if issues:
+        reason, msg = issues[0]
+        if reason == R.UNSCHEDULABLE:
+            conds.set(C.SCHEDULED, False, reason, msg)
+        else:
+            conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, "pods bound to nodes")
+        conds.set(C.RUNNING, False, reason, msg)
+    elif live:
+        bound = [p for p in live if p.get("node")]
+        if bound:
+            conds.set(C.SCHEDULED, True, R.PODS_SCHEDULED, f"{len(bound)} pod(s) on {', '.join(sorted({p['node'] for p in bound}))}")
+            conds.set(C.RUNNING, False, STARTING, "containers starting")
+        else:
+            conds.set(C.RUNNING, False, STARTING, "pods waiting for the scheduler")
+    elif [p for p in pods if p.get("phase") == "Failed"] and (job.get("failed") or 0) > 0:
+        term = o.term
+        last = termination_summary(term.get("message")) if term else None
+        code = term.get("exitCode") if term else None
+        msg = f"retrying after a pod exited{f' with code {code}' if code is not None else ''}" + (f": {last}" if last else "")
+        msg += "; the retry resumes from the newest checkpoint" if o.kind == TIJOB else ""
+        conds.set(C.RUNNING, False, *(_terminated_config_error(term) or (RETRYING, msg)))
+    else:
+        conds.set(C.RUNNING, False, R.JOB_CREATED, f"Job {f.job_name} created; waiting for its pods")
+    return "Pending"
 
 
-def _overlay_storage(st: dict[str, Any], conds: Conditions, storage: StorageView | None, kind: str) -> dict[str, Any]:
+CASES = {
+    "deleting": _deleting,
+    "invalid": _invalid,
+    "blocked": _blocked,
+    "waiting": _waiting,
+    "finished_and_removed": _finished_and_removed,
+    "job_gone": _job_gone,
+    "job_missing": _job_missing,
+    "held": _held,
+    "creating": _creating,
+    "succeeded": _succeeded,
+    "failed": _failed,
+    "suspended": _suspended,
+    "queued": _queued,
+    "active": _active,
+}
+
+
+def _started(o: Observed) -> None:
+    if (o.job or {}).get("startTime") and not o.st.get("startTime"):
+        o.st["startTime"] = o.job["startTime"]
+
+
+def _grid_outputs(o: Observed) -> None:
+    if o.kind == GRID and o.facts.output_uri:
+        o.st["galleryUri"] = join(o.facts.output_uri, "images", "index.html")
+        o.st["indexUri"] = join(o.facts.output_uri, "images", "index.json")
+
+
+def final_state(storage: StorageView | None) -> str | None:
+    """'succeeded' or 'failed' when progress.json records the workload's end (tinv.api.storage)."""
+    state = ((storage.progress if storage else None) or {}).get("state")
+    return state if state in ("succeeded", "failed") else None
+
+
+def _overlay_storage(o: Observed) -> None:
     """Storage trouble shows on the Running condition while the workload runs (it keeps running)."""
-    if storage is not None and storage.error and st.get("phase") == "Running":
-        conds.set(C.RUNNING, True, R.STORAGE_UNREACHABLE, f"running, but progress cannot be read: {storage.error}")
-        st["conditions"] = conds.to_list()
-    return st
+    if o.storage is not None and o.storage.error and o.st.get("phase") == "Running":
+        o.conds.set(C.RUNNING, True, R.STORAGE_UNREACHABLE, f"running, but progress cannot be read: {o.storage.error}")
+        o.st["conditions"] = o.conds.to_list()
+
+
+# --------------------------------------------------------------------------- the CRD's bounds
+
+_PROGRESS_INTS = ("step", "totalSteps", "imagesDone", "imagesTotal", "etaSeconds")
+_PROGRESS_RATES = ("samplesPerSecond", "imagesPerSecond")
+_STATUS_MODELS = {TIJOB: TextualInversionJobStatus, GRID: GenerationGridStatus}
+
+
+def _int64(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64_MAX else None
+
+
+def _finite(value: Any, minimum: float | None = None) -> float | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return None if minimum is not None and value < minimum else float(value)
+
+
+def clamp_status(kind: str, st: dict[str, Any]) -> dict[str, Any]:
+    """Fit a computed status into the CRD's schema (tinv.api's status models): values read from
+    storage that the apiserver would refuse with 422 (negative rates, steps over 2^63, a summary
+    over 64 characters, a non-finite loss) are dropped or cut, so the status write never fails on
+    them. Whatever the explicit rules miss, the status model's validation finds and drops."""
+    progress = st.get("progress")
+    if isinstance(progress, dict):
+        for key in _PROGRESS_INTS:
+            if key in progress and _int64(progress[key]) is None:
+                progress.pop(key)
+        for key in _PROGRESS_RATES:
+            if key in progress and _finite(progress[key], 0.0) is None:
+                progress.pop(key)
+        if "loss" in progress and _finite(progress["loss"]) is None:
+            progress.pop("loss")
+        if progress.get("summary") is not None:
+            progress["summary"] = short(str(progress["summary"]), 64)
+        if not progress:
+            st.pop("progress")
+    if kind == TIJOB:
+        cks = [c for c in st.get("checkpoints") or [] if _int64(c.get("step")) is not None][-100:]
+        for c in cks:
+            if "loss" in c and _finite(c["loss"]) is None:
+                c.pop("loss")
+        if "checkpoints" in st:
+            st["checkpoints"] = cks
+        if st.get("latestCheckpoint") is not None and _int64(st["latestCheckpoint"].get("step")) is None:
+            st.pop("latestCheckpoint")
+    if st.get("message") is not None:
+        st["message"] = short(str(st["message"]), 32768)
+    for c in st.get("conditions") or []:
+        c["reason"] = short(c.get("reason") or "", 1024)
+    return _drop_invalid(kind, st)
+
+
+def _drop_invalid(kind: str, st: dict[str, Any]) -> dict[str, Any]:
+    """Drop each field the status model refuses (a last guard: the write must never loop on 422)."""
+    model = _STATUS_MODELS[kind]
+    for _ in range(5):
+        try:
+            model.model_validate(st)
+            return st
+        except ValidationError as err:
+            for e in err.errors():
+                _drop_path(st, [p for p in e["loc"]])
+    return {k: st[k] for k in ("phase", "conditions", "observedGeneration") if k in st}
+
+
+def _drop_path(doc: Any, path: list[Any]) -> None:
+    for step in path[:-1]:
+        try:
+            doc = doc[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    try:
+        if isinstance(doc, list) and isinstance(path[-1], int):
+            doc.pop(path[-1])
+        elif isinstance(doc, dict):
+            doc.pop(path[-1], None)
+    except (IndexError, TypeError):
+        pass
 
 
 # --------------------------------------------------------------------------- patches and events

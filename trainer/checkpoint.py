@@ -31,6 +31,12 @@ A checkpoint is the folder ``<run>/checkpoints/<uuid>/``:
        "family": "sd" | "sdxl", "embedding_widths": {"clip_l": 768, "clip_g": 1280} (SDXL),
        "trainer": {"version"}, "determined": {"initializer_strs": {token: str}}}
 
+Where a run starts (:func:`find_start`): this run's own newest complete checkpoint (a retried pod
+continues), else ``spec.resumeFrom`` (:func:`resolve`: a URI as is; a uuid in this run or in
+``job``'s runs; ``job`` alone -> its newest checkpoint, found by tinv.api.storage's ONE resolver,
+the one generation and the operator use). :func:`restore` turns the source into starting vectors
+(and, to continue, the step and optimizer state), logging what each concept took from where.
+
 Retention: after each new checkpoint the newest ``checkpointsKept`` complete ones stay; older
 complete ones and incomplete leftovers (from a crash) are deleted. The newest complete one is
 never deleted.
@@ -254,7 +260,7 @@ def resolve(store: storage.Store, run: str, storage_root: str | None, namespace:
         hint = ""
         elsewhere = api_storage.find_checkpoint(store, storage_root, namespace, ck)
         if elsewhere is not None:
-            owner = api_storage.job_of_run(elsewhere["uri"].rsplit("/" + api_storage.CHECKPOINTS_DIR + "/", 1)[0])
+            owner = api_storage.job_of_checkpoint(elsewhere["uri"])
             hint = f". It belongs to job {owner!r} ({elsewhere['uri']}): set resumeFrom.job: {owner}, or give that URI as resumeFrom.checkpoint"
         elif not job:
             hint = ". A checkpoint of another job needs resumeFrom.job (that job's name) beside the uuid, or the checkpoint folder's URI"

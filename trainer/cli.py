@@ -32,7 +32,7 @@ import torch  # noqa: F401
 
 from . import generate_cli
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, TinvError
-from .runtime import Stopped, setup_logging
+from .runtime import Stopped, setup_logging, termination_path, write_termination_message
 
 log = logging.getLogger("tinv.trainer")
 
@@ -103,7 +103,6 @@ def cmd_train(argv: list[str], ctx: Context) -> int:
     from tinv.api.validation import load_resource
 
     from . import storage
-    from .reporting import termination_path, write_termination_message
     from .train import Options, train
 
     ctx.termination = termination_path(args.termination_message_path)
@@ -197,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     """The one dispatcher; argv[0] is the command name (``train``, ...), as tinv.api.cli passes it.
     Whatever a command raises becomes one line on stderr, the termination message and the exit
     code of :func:`outcome_of`."""
-    from .reporting import write_termination_message
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -216,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         out = outcome_of(e)
         if out.code == EXIT_INTERNAL:  # a bug or a hardware fault: keep the traceback in the log
             traceback.print_exc()
-        print(f"tinv {argv[0]}: {out.message}", file=sys.stderr)
+        print(f"tinv {argv[0]}: {out.message}", file=sys.stderr, flush=True)
         write_termination_message(ctx.termination, {"state": out.state, "exit_code": out.code, "reason": out.reason,
                                                     "message": out.message[:2000]})
+        e.reported = True  # a stop watchdog (runtime.StopFlag) must not say it twice
         return out.code

@@ -130,35 +130,20 @@ def as_ref(ref: Any) -> ConceptRef:
     return ConceptRef(job=job, checkpoint=get("checkpoint") or "latest", uri=uri, token=get("token"))
 
 
-def _run_folders(store: api_storage.Store, storage_uri: str | None, namespace: str | None, job: str | None) -> list[str]:
-    """Run folders of one job (``<job>-<uid8>`` or ``<job>-local``), or of every resource."""
-    base = api_storage.join(storage_uri or api_storage.LOCAL_ROOT, namespace or "default")
-    names = store.children(base)
-    if job:
-        pat = re.compile(rf"^{re.escape(job)}-([0-9a-f]{{8}}|local)$")
-        names = [n for n in names if pat.match(n)]
-    return [api_storage.join(base, n) for n in names]
-
-
-def _newest(manifests: Iterable[dict]) -> dict | None:
-    def key(m):
-        return (m.get("createdAt") or m.get("created_at") or "", m.get("step", 0))
-
-    ms = list(manifests)
-    return max(ms, key=key) if ms else None
-
-
 def resolve(ref: ConceptRef, *, store: api_storage.Store, storage_uri: str | None, namespace: str | None) -> tuple[str, str | None, str | None]:
-    """(uri, checkpoint uuid or None, job or None) of a reference; raises ConfigError if absent."""
+    """(uri, checkpoint uuid or None, job or None) of a reference; raises ConfigError if absent.
+
+    Job references use tinv.api.storage's resolver (the one training and the operator use): run
+    folders named exactly ``<job>-<uid8>`` / ``<job>-local``; ``latest`` is the newest complete
+    checkpoint by step, then time."""
     if ref.uri:
         return ref.uri, (ref.checkpoint if UUID_RE.match(ref.checkpoint or "") else None), ref.job
-    where = api_storage.join(storage_uri or api_storage.LOCAL_ROOT, namespace or "default")
+    where = api_storage.namespace_root(storage_uri, namespace)
     if ref.job:
-        roots = _run_folders(store, storage_uri, namespace, ref.job)
-        found = [m for r in roots for m in api_storage.list_checkpoints(store, r)]
         if ref.checkpoint == "latest":
-            m = _newest(found)
+            m = api_storage.newest_checkpoint(store, storage_uri, namespace, ref.job)
             if m is None:
+                roots = api_storage.run_roots(store, storage_uri, namespace, ref.job)
                 hint = (
                     f"no run folder {ref.job}-<uid8|local> exists there"
                     if not roots
@@ -168,20 +153,18 @@ def resolve(ref: ConceptRef, *, store: api_storage.Store, storage_uri: str | Non
                     f"embedding from job {ref.job!r}: no complete checkpoint under {where} ({hint}). "
                     f"Train it first (tinv train JOB.yaml), or point spec.storage.uri at the job's storage"
                 )
-            return m["uri"], m.get("uuid") or m["uri"].rsplit("/", 1)[-1], ref.job
-        for m in found:
-            if (m.get("uuid") or m["uri"].rsplit("/", 1)[-1]) == ref.checkpoint:
-                return m["uri"], ref.checkpoint, ref.job
+            return m["uri"], api_storage.checkpoint_uuid(m), ref.job
+        m = api_storage.find_checkpoint(store, storage_uri, namespace, ref.checkpoint, job=ref.job)
+        if m is not None:
+            return m["uri"], ref.checkpoint, ref.job
         raise ConfigError(
             f"embedding from job {ref.job!r}: no complete checkpoint {ref.checkpoint} under {where}/{ref.job}-* "
             "(it may have been pruned by checkpointsKept, or still be incomplete: no manifest.json)"
         )
     # a bare uuid: any run folder of the namespace
-    for r in _run_folders(store, storage_uri, namespace, None):
-        uri = api_storage.join(r, api_storage.CHECKPOINTS_DIR, ref.checkpoint)
-        if store.exists(api_storage.join(uri, api_storage.MANIFEST_FILE)):
-            job = r.rsplit("/", 1)[-1].rsplit("-", 1)[0]
-            return uri, ref.checkpoint, job
+    m = api_storage.find_checkpoint(store, storage_uri, namespace, ref.checkpoint)
+    if m is not None:
+        return m["uri"], ref.checkpoint, api_storage.job_of_checkpoint(m["uri"])
     raise ConfigError(f"checkpoint {ref.checkpoint}: no complete checkpoint with that uuid under {where}/*/checkpoints/")
 
 

@@ -54,16 +54,35 @@ log = logging.getLogger("tinv.trainer")
 # ---------------------------------------------------------------------------- schedulers
 
 
+# tinv's scheduler names (tinv.api.models.SchedulerName) -> diffusers classes and their options.
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
 def make_scheduler(name: str, config):
-    """A fresh inference scheduler by tinv name (one per batch: multistep solvers keep state).
+    """A fresh inference scheduler by tinv name, from a model's config (one per batch: multistep
+    solvers keep state).
 
     diffusers' LMS computes its coefficients with scipy; without scipy installed, tinv uses the
     same class with exact Gauss-Legendre quadrature (the integrand is a polynomial of degree < 4).
     """
+    import diffusers
+
     check_scheduler(name)
     if name == "lms" and not _has_scipy():
         return _lms_class().from_config(dict(config))
-    return models.make_scheduler(name, config)
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
 
 def _has_scipy() -> bool:

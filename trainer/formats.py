@@ -5,11 +5,17 @@ tensors are fp32 on CPU, shape ``[n_vectors, width]``):
 
 ``learned_embeds.safetensors``
     ``{token: Tensor[n, d]}``, one key per concept token. With one concept the checkpoint
-    folder loads as is with diffusers ``pipe.load_textual_inversion(folder)``; with several,
-    pass ``list(sd.values()), token=list(sd.keys())`` -- or use the per-token files below.
+    folder loads in one call: ``pipe.load_textual_inversion(folder)``. With several, diffusers
+    refuses a file of several tokens ("Loaded state dictionary is incorrect"); load them all
+    with this one line::
+
+        sd = load_file(f"{folder}/learned_embeds.safetensors"); pipe.load_textual_inversion(list(sd.values()), token=list(sd))
+
+    (``from safetensors.torch import load_file``) -- or load the per-token files below.
 ``<token>.safetensors``
-    ``{token: Tensor[n, d]}`` for one token (diffusers-loadable on its own). Written when the
-    job has more than one concept.
+    ``{token: Tensor[n, d]}`` for one token, written for every concept: diffusers loads it on its
+    own; ComfyUI (``embedding:<token>``) and AUTOMATIC1111 take its only tensor, with the file
+    name as the trigger word.
 ``<token>.pt``
     AUTOMATIC1111's layout: ``{"string_to_token": {"*": id("*")}, "string_to_param": {"*": Tensor[n, d]},
     "name": token, "step": step, "sd_checkpoint": None, "sd_checkpoint_name": model source}``;
@@ -17,7 +23,10 @@ tensors are fp32 on CPU, shape ``[n_vectors, width]``):
 ``learned_embeddings_dict.pt``
     The Determined example's layout: ``{token: {"initializer_strs": phrase, "learned_embeddings":
     Tensor[n, d]}}`` -- each concept with its *own* rows (the example saved the whole new matrix
-    under every concept; tinv does not).
+    under every concept; tinv does not). The example's pipeline (``detsd/pipeline.py``) adds one
+    dummy token per tokenizer token of ``initializer_strs`` and asserts that this count equals the
+    rows, so ``initializer_strs`` is a phrase of exactly ``n`` tokens: the initializer when it
+    has ``n``, else its tokens repeated or cut to ``n`` (the phrase itself is in manifest.json).
 
 Read by :func:`read_embeddings` (a file, a checkpoint folder, or a URI of either): all of the
 above, diffusers ``.bin``, the Determined demo file (also with ``initializer_tokens``), a bare
@@ -35,10 +44,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from tinv.api.storage import DETERMINED_FILE as DETERMINED
+from tinv.api.storage import EMBEDS_FILE as SAFETENSORS
+from tinv.api.storage import OPTIMIZER_FILE
 
-SAFETENSORS = "learned_embeds.safetensors"
-DETERMINED = "learned_embeddings_dict.pt"
+from .errors import FormatError
 
 
 def safe_filename(token: str) -> str:
@@ -63,10 +73,9 @@ def write_all(
     save_file(emb, str(folder / SAFETENSORS), metadata={"format": "pt", "tinv": "learned_embeds", "step": str(step)})
     names.append(SAFETENSORS)
     for token, e in emb.items():
-        if len(emb) > 1:
-            name = f"{safe_filename(token)}.safetensors"
-            save_file({token: e}, str(folder / name), metadata={"format": "pt", "step": str(step)})
-            names.append(name)
+        name = f"{safe_filename(token)}.safetensors"
+        save_file({token: e}, str(folder / name), metadata={"format": "pt", "step": str(step)})
+        names.append(name)
         a1111 = {
             "string_to_token": {"*": int(star_id)},
             "string_to_param": {"*": e},
@@ -160,7 +169,7 @@ def read_folder(folder: Path) -> dict:
             return read_file(folder / name)
     out: dict = {}
     for p in sorted(folder.glob("*")):
-        if p.suffix in (".pt", ".bin", ".safetensors") and p.name != "optimizer.pt":
+        if p.suffix in (".pt", ".bin", ".safetensors") and p.name != OPTIMIZER_FILE:
             out.update(read_file(p))
     if not out:
         raise FormatError(f"{folder}: no embedding files found")

@@ -32,7 +32,7 @@ import numpy as np
 from tinv.api import storage as api_storage
 
 from . import concepts as concepts_mod
-from . import pngmeta
+from . import gallery, pngmeta
 from .engine import Engine, Rendered, load_engine, render_adaptive
 from .grid import GridImage, expand, grid_root, plan_batches, shard, shard_from_env
 from .reporting import TensorBoard
@@ -40,7 +40,6 @@ from .runtime import StopFlag, Stopped, now
 
 log = logging.getLogger("tinv.trainer")
 
-SHARDS_DIR = "shards"
 
 
 @dataclass
@@ -151,7 +150,7 @@ class _Progress:
 
     @property
     def shard_uri(self) -> str:
-        return api_storage.join(self.root, SHARDS_DIR, f"shard-{self.i:03d}-of-{self.n:03d}.json")
+        return api_storage.join(self.root, api_storage.SHARDS_DIR, f"shard-{self.i:03d}-of-{self.n:03d}.json")
 
     def rate(self) -> float | None:
         if not self.rendered or self.render_t0 is None:
@@ -212,7 +211,7 @@ class _Progress:
         docs = {}
         suffix = f"-of-{self.n:03d}.json"
         try:
-            for uri in self.store.list(api_storage.join(self.root, SHARDS_DIR)):
+            for uri in self.store.list(api_storage.join(self.root, api_storage.SHARDS_DIR)):
                 if uri.endswith(suffix):
                     try:
                         d = self.store.read_json(uri)
@@ -288,7 +287,8 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
     batch_size = int(opts.batch_size or spec.batch_size)
     log.info("grid %s: %d images; shard %d/%d renders %d of them into %s", grid.metadata.name, len(images), i, n, len(mine), images_uri)
 
-    with StopFlag("grid") as stop:  # a signal while loading stops at once: nothing rendered yet
+    with StopFlag("grid", prog="tinv generate") as stop:  # a signal while loading stops at once
+        stop.saved = "no new image rendered; the images already written are kept, re-run to resume"
         if engine is None:
             engine = load_engine(
                 opts.model or spec.model.source, refs_of(grid), revision=spec.model.revision, variant=spec.model.variant,
@@ -301,8 +301,6 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
 
 def _render_shard(grid, opts: GridOptions, engine: Engine, stop: StopFlag, images: list[GridImage], mine: list[GridImage],
                   where: tuple[int, int], root: str, images_uri: str, store: api_storage.Store, batch_size: int) -> GridResult:
-    from . import gallery
-
     spec = grid.spec
     i, n = where
     warn = engine.check_prompts(spec.prompts, python_warnings=False)

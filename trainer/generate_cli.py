@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_INTERNAL, EXIT_OK, ConfigError
-from .runtime import setup_logging
+from .runtime import setup_logging, termination_path, write_termination_message
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,6 @@ def cmd_generate(argv: list[str], ctx) -> int:
     from tinv.api.validation import load_resource
 
     from . import grid as grids
-    from .reporting import termination_path, write_termination_message
 
     ctx.termination = termination_path(args.termination_message_path)
     grid = load_resource(args.grid, GenerationGrid)

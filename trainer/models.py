@@ -136,7 +136,9 @@ def default_resolution(bundle: ModelBundle) -> int:
     return bundle.native_resolution if bundle.family == "sdxl" else DEFAULT_RESOLUTION
 
 
-def _from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+def from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
+    """A bundle over already built components (tokenizer, text_encoder, vae, unet, scheduler; SDXL also
+    tokenizer_2, text_encoder_2)."""
     if "text_encoder_2" in c:  # SDXL: both encoders, in the order of the UNet's concatenated input
         from . import sdxl
 
@@ -164,7 +166,7 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
     from . import sdxl
 
     if sdxl.is_sdxl_folder(path):
-        return _from_components(source, sdxl.load_folder(path, source, variant), str(path))
+        return from_components(source, sdxl.load_folder(path, source, variant), str(path))
     kw = {"variant": variant} if variant else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
@@ -177,7 +179,7 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
     for m in (text_encoder, vae, unet):
         m.eval()
         m.requires_grad_(False)
-    return _from_components(
+    return from_components(
         source,
         {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler},
         str(path),
@@ -333,7 +335,7 @@ class Located:
 
     def load(self) -> ModelBundle:
         if self.components is not None:
-            return _from_components(self.source, self.components)
+            return from_components(self.source, self.components)
         return load_folder(self.path, self.source, self.variant)
 
 
@@ -376,27 +378,3 @@ def load(
 ) -> ModelBundle:
     """Load a model bundle from any supported source (see the module doc)."""
     return locate(source, revision, variant, token, store).load()
-
-
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config):
-    """An inference scheduler by tinv name (the API's SchedulerName), from a model's config."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ModelError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(dict(config), **extra)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from contextlib import nullcontext
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 
 from . import data
 from .errors import ConfigError
+
+log = logging.getLogger("tinv.trainer")
 
 
 def mix(*xs: int) -> int:
@@ -208,6 +211,23 @@ class Objective:
         if backward:
             (scaler.scale(loss) if scaler else loss).backward()
         return per.detach().sum()
+
+    def accumulate(self, ks: list[int], micro: int, *, scaler, optimizer) -> tuple[torch.Tensor, int]:
+        """Forward and backward over these samples in micro-batches of `micro`: (loss sum, the
+        micro-batch that fitted). An out-of-memory halves the micro-batch and redoes the step."""
+        while True:
+            try:
+                total = torch.zeros((), device=self.device)
+                for i in range(0, len(ks), micro):
+                    total = total + self(ks[i : i + micro], scaler=scaler)
+                return total, micro
+            except torch.OutOfMemoryError:
+                if micro == 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                micro = max(1, micro // 2)
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory: micro-batch now %d samples", micro)
 
     def mean_loss(self, ks: list[int], micro: int) -> float:
         """Mean loss of fixed samples, without gradients (before/after figures for tests and benchmarks)."""

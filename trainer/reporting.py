@@ -17,7 +17,7 @@ of the contract (tinv.api.storage) plus tinv.trainer's extras::
 A run stopped by SIGTERM after its checkpoint stays ``"state": "running"`` with
 ``"stopped": "preempted"``: the operator retries it and the retry continues from that checkpoint.
 
-The termination message (``$TINV_TERMINATION_MESSAGE_PATH``, else ``/dev/termination-log`` when
+The termination message (:func:`tinv.trainer.runtime.write_termination_message`; ``$TINV_TERMINATION_MESSAGE_PATH``, else ``/dev/termination-log`` when
 it exists) is a JSON summary under 4 KiB, written at exit by every rank::
 
     {"state", "exit_code", "reason", "message", "step", "total_steps", "loss",
@@ -52,28 +52,6 @@ from .checkpoint import CheckpointRef
 from .runtime import now
 
 log = logging.getLogger("tinv.trainer")
-
-
-def termination_path(explicit: str | None = None) -> Path | None:
-    p = explicit or os.environ.get("TINV_TERMINATION_MESSAGE_PATH")
-    if p:
-        return Path(p)
-    default = Path("/dev/termination-log")
-    return default if default.exists() and os.access(default, os.W_OK) else None
-
-
-def write_termination_message(path: Path | None, doc: dict) -> None:
-    if path is None:
-        return
-    data = json.dumps(doc, separators=(",", ":"))
-    if len(data) > 4000:  # kubelet keeps 4096 bytes
-        doc = dict(doc, message=(doc.get("message") or "")[:1000])
-        data = json.dumps(doc, separators=(",", ":"))[:4000]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(data)
-    except OSError as e:
-        log.warning("cannot write the termination message to %s: %s", path, e)
 
 
 class TensorBoard:

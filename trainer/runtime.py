@@ -10,17 +10,25 @@ what was saved:
   to end could outlast the pod's grace period;
 - once the loop runs (:meth:`StopFlag.defer`), a signal only sets the flag: the loop finishes the
   current step or batch, writes what it has, and returns.
+
+A SIGTERM during start-up may land while a library waits on worker threads stuck on the network
+(a hub download): the exception then cannot unwind until their sockets time out. So it also arms a
+watchdog: unless the process has exited ``TINV_STOP_GRACE`` seconds later (default 5), the
+watchdog prints the same line, writes the termination message and ends the process with the
+same code. (SIGINT never arms it: at a terminal or in a notebook, Ctrl-C must not kill a kernel.)
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, TinvError
 
@@ -70,6 +78,31 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def termination_path(explicit: str | None = None) -> Path | None:
+    """Where the termination message goes: the flag, $TINV_TERMINATION_MESSAGE_PATH, else
+    /dev/termination-log when writable (in a pod); None outside a pod."""
+    p = explicit or os.environ.get("TINV_TERMINATION_MESSAGE_PATH")
+    if p:
+        return Path(p)
+    default = Path("/dev/termination-log")
+    return default if default.exists() and os.access(default, os.W_OK) else None
+
+
+def write_termination_message(path: Path | None, doc: dict) -> None:
+    """The JSON summary the kubelet hands the operator (kept under its 4 KiB)."""
+    if path is None:
+        return
+    data = json.dumps(doc, separators=(",", ":"))
+    if len(data) > 4000:  # kubelet keeps 4096 bytes
+        doc = dict(doc, message=(doc.get("message") or "")[:1000])
+        data = json.dumps(doc, separators=(",", ":"))[:4000]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data)
+    except OSError as e:
+        log.warning("cannot write the termination message to %s: %s", path, e)
+
+
 # ---------------------------------------------------------------------------- devices and dtypes
 
 
@@ -98,7 +131,7 @@ def pick_dtype(precision: str | None, device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU")
+        raise ConfigError("precision fp16 needs a GPU (CUDA); use fp32 (or bf16) on a CPU")
     try:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     except KeyError:
@@ -224,8 +257,12 @@ class StopFlag:
     and the loop stops at its next boundary. A second Ctrl-C always stops at once. Use as a
     context manager: the previous handlers come back on exit."""
 
-    def __init__(self, doing: str = "run"):
+    def __init__(self, doing: str = "run", *, prog: str = "tinv", termination_path: str | None = None):
         self.doing = doing
+        self.prog = prog
+        self.termination_path = termination_path
+        # What a stop during start-up leaves behind; the trainer updates it once it knows.
+        self.saved = "nothing saved (no step had run); a retry starts over"
         self.signal: int | None = None
         self.deferred = False
         self._old: dict = {}
@@ -260,6 +297,25 @@ class StopFlag:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
         if not self.deferred:
-            raise Stopped(signum, f"{signal_name(signum)} while the {self.doing} was starting")
+            e = Stopped(signum, f"{signal_name(signum)} while the {self.doing} was starting: {self.saved}")
+            if signum == signal.SIGTERM:
+                self._watch(e)
+            raise e
         log.warning("received %s: finishing the current %s, saving, then exiting", signal_name(signum),
                     "step" if self.doing == "training" else "batch")
+
+    def _watch(self, e: Stopped) -> None:
+        """End the process with e's code if unwinding takes longer than the grace period."""
+        grace = float(os.environ.get("TINV_STOP_GRACE", "5"))
+
+        def fire() -> None:
+            if not getattr(e, "reported", False):
+                print(f"{self.prog}: {e}", file=sys.stderr, flush=True)
+                write_termination_message(termination_path(self.termination_path),
+                                          {"state": "running", "exit_code": e.exit_code, "reason": e.reason, "message": str(e)})
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+
+        timer = threading.Timer(grace, fire)
+        timer.daemon = True
+        timer.start()

@@ -42,7 +42,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, models, objective, runtime, storage, tokens
-from .errors import EXIT_OK, ConfigError
+from .engine import Engine
+from .errors import EXIT_OK
+from .grid import Request
 from .optim import build_optimizer, lr_at
 from .reporting import Reporter
 
@@ -112,32 +114,29 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
     (or Options.model) is loaded."""
     opts = options or Options()
     T = job.spec.training
-    with runtime.StopFlag("training") as stop:
+    with runtime.StopFlag("training", prog="tinv train", termination_path=opts.termination_path) as stop:
         # 1. Open the run: ranks, device, storage, where to start, the images.
         run = Run.open(job, opts)
-        start = None
-        try:
-            start = checkpoint.find_start(run.store, run.uri, storage_root=run.storage_uri, namespace=run.namespace,
-                                          resume_from=job.spec.resume_from, auto_resume=opts.auto_resume)
-            resolution = T.resolution or models.DEFAULT_RESOLUTION
+        start = checkpoint.find_start(run.store, run.uri, storage_root=run.storage_uri, namespace=run.namespace,
+                                      resume_from=job.spec.resume_from, auto_resume=opts.auto_resume)
+        stop.saved = start.saved()
+        resolution = T.resolution or models.DEFAULT_RESOLUTION
+        ds = build_dataset(job, opts, run, resolution)
+        log.info("%d training images, %d concept(s); run folder %s", len(ds), len(job.spec.concepts), run.uri)
+        # 2. The frozen model and the vocabulary of new tokens (checked from the tokenizer alone,
+        #    before any weights are read); every prompt must hold every vector of its concept.
+        bundle, vocab = load_frozen(job, opts, run, model)
+        if T.resolution is None and models.default_resolution(bundle) != resolution:
+            resolution = models.default_resolution(bundle)  # SDXL: its native size (the images were checked above)
+            log.info("training at %d px, the native size of this %s model (set training.resolution to change it)",
+                     resolution, bundle.family.upper())
             ds = build_dataset(job, opts, run, resolution)
-            log.info("%d training images, %d concept(s); run folder %s", len(ds), len(job.spec.concepts), run.uri)
-            # 2. The frozen model and the vocabulary of new tokens (checked from the tokenizer alone,
-            #    before any weights are read); every prompt must hold every vector of its concept.
-            bundle, vocab = load_frozen(job, opts, run, model)
-            if T.resolution is None and models.default_resolution(bundle) != resolution:
-                resolution = models.default_resolution(bundle)  # SDXL: its native size (the images were checked above)
-                log.info("training at %d px, the native size of this %s model (set training.resolution to change it)",
-                         resolution, bundle.family.upper())
-                ds = build_dataset(job, opts, run, resolution)
-            objective.check_prompts(ds, vocab)
-            # 3. The new vectors: the initializers', or the start source's (SDXL: both encoders' side by side).
-            g = torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS))
-            init = torch.cat([tokens.initial_vectors(vocab, s.encoder.get_input_embeddings().weight, g) for s in bundle.text], 1)
-            restored = checkpoint.restore(start, vocab, init, family=bundle.family, widths=bundle.widths)
-            latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0)
-        except runtime.Stopped as e:
-            raise runtime.Stopped(e.signum, f"{e}: {start.saved() if start else 'nothing saved (no step had run)'}") from None
+        objective.check_prompts(ds, vocab)
+        # 3. The new vectors: the initializers', or the start source's (SDXL: both encoders' side by side).
+        g = torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS))
+        init = torch.cat([tokens.initial_vectors(vocab, s.encoder.get_input_embeddings().weight, g) for s in bundle.text], 1)
+        restored = checkpoint.restore(start, vocab, init, family=bundle.family, widths=bundle.widths)
+        latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0)
         new = tokens.install_all([s.encoder for s in bundle.text], restored.vectors.to(run.device), offset=vocab.base_size)
         # THE trainable tensor (SDXL: shared by both encoders' token layers)
         assert all([p for p in s.encoder.parameters() if p.requires_grad] == [new] for s in bundle.text)
@@ -146,7 +145,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         local = T.batch_size * T.gradient_accumulation
         G = local * run.dist.world
         base_lr = T.learning_rate * (G if T.scale_lr else 1)
-        warn_about_batch(T, G, len(ds), base_lr, run.dist.world)
+        warn_about_settings(T, G, len(ds), base_lr, run.dist.world)
         opt = build_optimizer(T.optimizer, [new], base_lr, T.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if run.dtype == torch.float16 else None
         loss_history: list[float] = []
@@ -178,17 +177,14 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         step = restored.step
         exit_code, phase, message = EXIT_OK, "Succeeded", None
         last_saved = step if restored.state is not None else -1
-        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on device) not yet read back
-        t_last, steps_since, sps = time.monotonic(), 0, None
-        smoothed = loss_history[-1] if loss_history else None
+        losses = LossLog(loss_history, T.log_every, G)
         if step >= run.total:
             log.info("nothing to do: the run is at step %d of %d", step, run.total)
-        reporter.step(step, smoothed, lr_at(min(step, run.total - 1), base_lr, T.lr_scheduler, T.lr_warmup_steps, run.total), None,
+        reporter.step(step, losses.smoothed, lr_at(min(step, run.total - 1), base_lr, T.lr_scheduler, T.lr_warmup_steps, run.total), None,
                       step * G / len(ds), force=True, log_line=False)
         eval_before = loss_of.mean_loss(opts.eval_samples, micro) if opts.eval_samples else None
         timer = StepTimer(run.device, skip=3)
         stop_prev: torch.Tensor | None = None  # all-reduced stop flag of the previous step (multi-rank)
-        zero = torch.zeros((), device=run.device)
         try:
             while step < run.total:
                 timer.begin(step - restored.step)
@@ -196,20 +192,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                 for group in opt.param_groups:
                     group["lr"] = lr
                 first = step * G + run.dist.rank * local
-                ks = list(range(first, first + local))
-                while True:
-                    try:
-                        loss_sum = zero
-                        for i in range(0, local, micro):
-                            loss_sum = loss_sum + loss_of(ks[i : i + micro], scaler=scaler)
-                        break
-                    except torch.OutOfMemoryError:
-                        if micro == 1:
-                            raise
-                        opt.zero_grad(set_to_none=True)
-                        micro = max(1, micro // 2)
-                        torch.cuda.empty_cache()
-                        log.warning("out of GPU memory: micro-batch now %d samples", micro)
+                loss_sum, micro = loss_of.accumulate(list(range(first, first + local)), micro, scaler=scaler, optimizer=opt)
                 # Stop when asked. Ranks must agree: with several, each reads the previous step's
                 # all-reduced flag (already computed, so reading it does not stall the GPU) and all
                 # stop together one step after the first rank was signalled.
@@ -234,27 +217,17 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                pending.append((step, buf[-2] / G))
+                losses.add(step, buf[-2] / G)
                 timer.end()
-                steps_since += 1
                 ckpt_due = step % T.checkpoint_every == 0 or step == run.total or any_stop
-                if step % T.log_every == 0 or ckpt_due or steps_since >= 50:
-                    # Read back the losses since the last report: one synchronisation per report.
-                    values = torch.stack([v for _, v in pending]).tolist()
-                    points = [(s_, v) for (s_, _), v in zip(pending, values)]
-                    pending.clear()
-                    loss_history.extend(values)
-                    recent = loss_history[-T.log_every :]
-                    smoothed = sum(recent) / len(recent)
-                    dt = time.monotonic() - t_last
-                    sps = steps_since * G / dt if dt > 0 else sps
-                    t_last, steps_since = time.monotonic(), 0
-                    norm = float(new.detach()[:, : bundle.widths[0]].norm(dim=1).mean())  # the first encoder's
-                    reporter.step(step, smoothed, lr, sps, step * G / len(ds), norm, points=points)
+                if step % T.log_every == 0 or ckpt_due or losses.unread >= 50:
+                    points = losses.read()  # one synchronisation per report
+                    norm = float(new.detach()[:, : bundle.widths[0]].norm(dim=1).mean())  # (SDXL: the first encoder's)
+                    reporter.step(step, losses.smoothed, lr, losses.samples_per_second, step * G / len(ds), norm, points=points)
                 else:
                     reporter.tick(step)
                 if ckpt_due:
-                    saver.save(step, smoothed, new, opt, scaler, loss_history)
+                    saver.save(step, losses.smoothed, new, opt, scaler, loss_history)
                     last_saved = step
                 if validator is not None and (step % validator.every == 0 or step == run.total):
                     validator.run(step, reporter)
@@ -275,7 +248,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                             stopped=None if phase == "Succeeded" else phase.lower())
     reporter.close()
     result = Result(
-        exit_code=exit_code, phase=phase, step=step, total_steps=run.total, loss=smoothed, run_uri=run.uri,
+        exit_code=exit_code, phase=phase, step=step, total_steps=run.total, loss=losses.smoothed, run_uri=run.uri,
         latest=saver.latest, message=message, embeddings=file_vectors(bundle, vocab.split_rows(new.detach().float().cpu())),
         eval_before=eval_before, eval_after=loss_of.mean_loss(opts.eval_samples, micro) if opts.eval_samples else None,
         throughput=timer.rate(G),
@@ -398,8 +371,11 @@ def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
         module.to(dtype)
 
 
-def warn_about_batch(T, G: int, n_images: int, lr: float, world: int) -> None:
+def warn_about_settings(T, G: int, n_images: int, lr: float, world: int) -> None:
     """Settings that run but are rarely what was meant: say so with the numbers and what to change."""
+    if T.lr_scheduler == "constant" and T.lr_warmup_steps:
+        log.warning("lrScheduler constant ignores lrWarmupSteps %d (as diffusers' does); use constant_with_warmup to warm up",
+                    T.lr_warmup_steps)
     if G > n_images:
         log.warning(
             "each step takes %d samples (batchSize %d x gradientAccumulation %d x %d worker%s) from only %d image%s: "
@@ -451,15 +427,11 @@ class Validator:
     """Validation images with fixed seeds, rendered by the generation engine over the training modules."""
 
     def __init__(self, bundle, vocab, run: Run, T, resolution: int):
-        from .engine import Engine
-
         self.val, self.resolution = T.validation, resolution
         self.every = T.validation.every or T.checkpoint_every
         self.engine = Engine(bundle, device=run.device, precision=run.dtype, vocab=vocab, optimize=run.device.type == "cuda")
 
     def run(self, step: int, reporter: Reporter) -> None:
-        from .grid import Request
-
         v, t0 = self.val, time.monotonic()
         requests = [Request(prompt=p, negative_prompt=v.negative_prompt, seed=int(v.seed) + i, guidance_scale=v.guidance_scale,
                             steps=v.steps, scheduler=v.scheduler, width=self.resolution, height=self.resolution)
@@ -473,6 +445,41 @@ class Validator:
             return
         reporter.images("validation", images, step)
         log.info("validation images at step %d (%.1fs)", step, time.monotonic() - t0)
+
+
+class LossLog:
+    """Per-step losses, kept on the device until a report reads them back in one synchronisation;
+    the smoothed loss (mean of the last logEvery steps) and the samples/s between reports."""
+
+    def __init__(self, history: list[float], window: int, global_batch: int):
+        self.history, self.window, self.G = history, window, global_batch
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.smoothed: float | None = history[-1] if history else None
+        self.samples_per_second: float | None = None
+        self._t = time.monotonic()
+
+    @property
+    def unread(self) -> int:
+        return len(self.pending)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(step, loss) of every step since the last read."""
+        if not self.pending:
+            return []
+        values = torch.stack([v for _, v in self.pending]).tolist()
+        points = [(s, v) for (s, _), v in zip(self.pending, values)]
+        dt = time.monotonic() - self._t
+        if dt > 0:
+            self.samples_per_second = len(points) * self.G / dt
+        self._t = time.monotonic()
+        self.pending.clear()
+        self.history.extend(values)
+        recent = self.history[-self.window :]
+        self.smoothed = sum(recent) / len(recent)
+        return points
 
 
 class StepTimer:

@@ -53,8 +53,9 @@ class OperatorProcess:
         if storage_uri:
             self.args += ["--storage-uri", storage_uri]
         self.args += list(extra or [])
-        self.env = {**cp.env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.env.pop("POD_NAMESPACE", None)
+        self.env = {**cp.env(), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("POD_NAMESPACE", None)  # unless the test says where the operator "runs"
+        self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -232,6 +233,53 @@ def write_progress(root: Path, step: int, total: int, loss: float | None, checkp
     tmp.rename(root / "progress.json")
 
 
+# --------------------------------------------------------------------------- a node the test plays the kubelet for
+
+#: tolerates every taint (a static node has no heartbeat, so the node controller may taint it)
+TOLERATE_ALL = {"tolerations": [{"operator": "Exists"}]}
+
+
+def static_node(cp: Any, name: str, gpu_class: str, region: str = "TST1") -> None:
+    """A node no kubelet (and no KWOK) runs: the test plays the kubelet for pods bound to it, so a
+    pod can stay Running while it is being deleted (a trainer writing its last checkpoint)."""
+    node = {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"gpu.nvidia.com/class": gpu_class, "topology.kubernetes.io/region": region, "type": "static"}}}
+    cp.kubectl("apply", "-f", "-", input=json.dumps(node))
+    cap = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
+    status = {"status": {"capacity": cap, "allocatable": cap,
+                         "conditions": [{"type": "Ready", "status": "True", "reason": "Test", "message": "static",
+                                         "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+    cp.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def kubelet_says(cp: Any, ns: str, pod: dict[str, Any], reason: str, message: str) -> None:
+    """Report the pod's container as waiting (reason, message), as a kubelet would."""
+    c = pod["spec"]["containers"][0]
+    status = {"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                         "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+                                                "started": False, "state": {"waiting": {"reason": reason, "message": message}}}]}}
+    cp.kubectl("patch", "pod", pod["metadata"]["name"], "-n", ns, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def kubelet_runs(cp: Any, ns: str, pod: dict[str, Any]) -> None:
+    """Report the pod Running, as a kubelet would once its container started."""
+    c = pod["spec"]["containers"][0]
+    status = {"status": {"phase": "Running", "startTime": now()[:19] + "Z",
+                         "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+                         "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True, "restartCount": 0,
+                                                "started": True, "state": {"running": {"startedAt": now()[:19] + "Z"}}}]}}
+    cp.kubectl("patch", "pod", pod["metadata"]["name"], "-n", ns, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+def jobs_ever_created(cp: Any, ns: str, job: str) -> set[str]:
+    """The uids of every Job of this name the namespace has seen (from the Job controller's Events,
+    which outlive the Job), plus the one that exists now."""
+    events = cp.get_json("events", "-n", ns, "--field-selector", f"involvedObject.kind=Job,involvedObject.name={job}")["items"]
+    uids = {e["involvedObject"].get("uid") for e in events if e["involvedObject"].get("uid")}
+    current = cp.get_json("jobs", "-n", ns, "--field-selector", f"metadata.name={job}")["items"]
+    return uids | {j["metadata"]["uid"] for j in current}
+
+
 def job_pods(cp: Any, ns: str, job: str) -> list[dict[str, Any]]:
     return cp.get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
 
@@ -299,7 +347,8 @@ class OpEnv:
         return self.cp.kubectl("patch", kind, name, "-n", self.ns, "--type=merge", "-p", json.dumps(patch), check=check)
 
 
-def make_env(cp: Any, tmp_factory: Any, prefix: str, extra: list[str] | None = None, poll_interval: float = 1.0) -> OpEnv:
+def make_env(cp: Any, tmp_factory: Any, prefix: str, extra: list[str] | None = None, poll_interval: float = 1.0,
+             env: dict[str, str] | None = None) -> OpEnv:
     import pytest
 
     if cp.missing_components or not cp.nodes:
@@ -308,7 +357,7 @@ def make_env(cp: Any, tmp_factory: Any, prefix: str, extra: list[str] | None = N
     ns = cp.new_namespace(prefix)
     store = tmp_factory.mktemp(f"{prefix}-store")
     op = OperatorProcess(cp, [ns], tmp_factory.mktemp(f"{prefix}-operator"), storage_uri=f"file://{store}",
-                         poll_interval=poll_interval, extra=extra).start()
+                         poll_interval=poll_interval, extra=extra, env=env).start()
     return OpEnv(cp, ns, store, op)
 
 

@@ -78,3 +78,58 @@ def test_grid_with_a_uri_embedding_runs_at_once(env: OpEnv):
 def write_progress_grid(root, done: int, total: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "progress.json").write_text(json.dumps({"state": "running", "images_done": done, "images_total": total, "images_per_second": 0.5}))
+
+
+def _finish(env: OpEnv, job: str, code: int) -> None:
+    env.cp.finish_pod(env.ns, env.running_pods(f"{job}-train")[0]["metadata"]["name"], code)
+
+
+def _refused(env: OpEnv, name: str, reason: str) -> dict:
+    """The grid failed for `reason`, said so in its conditions and with a Warning Event."""
+    obj = env.wait_status("generationgrid", name, lambda s: s.get("phase") == "Failed", 60, f"Failed ({reason})")
+    failed = condition(obj, C.FAILED)
+    assert failed["reason"] == reason and condition(obj, C.WAITING)["reason"] == reason, obj["status"]["conditions"]
+    assert any(e["reason"] == reason and e["type"] == "Warning" for e in env.events(name))
+    assert not env.cp.get_json("jobs", "-n", env.ns, "-l", f"tinv.io/owner-uid={obj['metadata']['uid']}")["items"]
+    return obj
+
+
+def test_grid_references_that_can_never_resolve_fail_with_a_reason(env: OpEnv):
+    # a checkpoint uuid that fell out of the job's newest checkpointsKept
+    env.create(tijob("pruned", kept=1))
+    job = env.wait_status("tijob", "pruned", lambda s: s.get("phase") == "Running", 60)
+    root = env.root(job)
+    ck1 = write_checkpoint(root, 10, 0.4)
+    write_progress(root, 10, 100, 0.4, [ck1])
+    env.wait_status("tijob", "pruned", lambda s: (s.get("latestCheckpoint") or {}).get("uuid") == ck1["uuid"], 30)
+    ck2 = write_checkpoint(root, 20, 0.3)
+    import shutil
+    shutil.rmtree(root / "checkpoints" / ck1["uuid"])  # the trainer keeps only the newest one
+    write_progress(root, 20, 100, 0.3, [ck2])
+    env.wait_status("tijob", "pruned", lambda s: [c["uuid"] for c in s.get("checkpoints") or []] == [ck2["uuid"]], 30)
+    env.create(grid("old-ck", job="pruned", checkpoint=ck1["uuid"], workers=1))
+    obj = env.wait_status("generationgrid", "old-ck", lambda s: condition({"status": s}, C.WAITING).get("reason") == R.WAITING_FOR_CHECKPOINT, 30)
+    msg = condition(obj, C.WAITING)["message"]
+    assert ck1["uuid"] in msg and "keeps the newest 1" in msg and "fails when the job finishes" in msg, msg
+    _finish(env, "pruned", 0)
+    obj = _refused(env, "old-ck", R.CHECKPOINT_NOT_FOUND)
+    assert "spec.embeddings[0].checkpoint" in condition(obj, C.FAILED)["message"] and ck2["uuid"] in condition(obj, C.FAILED)["message"]
+    # 'latest' of a failed job: refused, naming the checkpoint one could use instead
+    env.create(tijob("broken", run_policy={"backoffLimit": 0}))
+    job = env.wait_status("tijob", "broken", lambda s: s.get("phase") == "Running", 60)
+    ck = write_checkpoint(env.root(job), 30, 0.5)
+    write_progress(env.root(job), 30, 100, 0.5, [ck])
+    env.wait_status("tijob", "broken", lambda s: (s.get("latestCheckpoint") or {}).get("uuid") == ck["uuid"], 30)
+    _finish(env, "broken", 1)
+    env.wait_status("tijob", "broken", lambda s: s.get("phase") == "Failed", 60)
+    env.create(grid("after-broken", job="broken", workers=1))
+    obj = _refused(env, "after-broken", R.REFERENCED_JOB_FAILED)
+    assert ck["uuid"] in condition(obj, C.FAILED)["message"]
+    # 'latest' of a job that succeeded without writing any checkpoint
+    env.create(tijob("nockpt"))
+    env.wait_status("tijob", "nockpt", lambda s: s.get("phase") == "Running", 60)
+    _finish(env, "nockpt", 0)
+    env.wait_status("tijob", "nockpt", lambda s: s.get("phase") == "Succeeded", 60)
+    env.create(grid("after-nockpt", job="nockpt", workers=1))
+    obj = _refused(env, "after-nockpt", R.NO_CHECKPOINT)
+    assert "nockpt" in condition(obj, C.FAILED)["message"]

@@ -18,8 +18,10 @@ from operator_helpers import (
     close_env,
     condition,
     elapsed,
+    kubelet_says,
     make_env,
     metric_value,
+    static_node,
     tijob,
     write_checkpoint,
     write_progress,
@@ -124,28 +126,8 @@ def test_unschedulable_gpu_class_shows_the_schedulers_reason(env: OpEnv):
     assert "Unschedulable" in wide
 
 
-def _static_node(cp, name: str, gpu_class: str) -> None:
-    """A node no kubelet (and no KWOK) runs: the test plays the kubelet for pods bound to it."""
-    node = {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"gpu.nvidia.com/class": gpu_class, "topology.kubernetes.io/region": "TST1", "type": "static"}}}
-    cp.kubectl("apply", "-f", "-", input=json.dumps(node))
-    cap = {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "8"}
-    status = {"status": {"capacity": cap, "allocatable": cap,
-                         "conditions": [{"type": "Ready", "status": "True", "reason": "Test", "message": "static",
-                                         "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
-    cp.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
-
-
-def _kubelet_says(env: OpEnv, pod: dict, reason: str, message: str) -> None:
-    c = pod["spec"]["containers"][0]
-    status = {"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
-                         "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
-                                                "started": False, "state": {"waiting": {"reason": reason, "message": message}}}]}}
-    env.cp.kubectl("patch", "pod", pod["metadata"]["name"], "-n", env.ns, "--subresource=status", "--type=merge", "-p", json.dumps(status))
-
-
 def test_missing_secret_and_image_pull_errors_are_conditions(env: OpEnv):
-    _static_node(env.cp, "static-gpu-0", "STATIC_TEST")
+    static_node(env.cp, "static-gpu-0", "STATIC_TEST")
     tolerate_all = {"tolerations": [{"operator": "Exists"}]}
     env.create(tijob("nosecret", gpu_class="STATIC_TEST", region="TST1", resources=tolerate_all,
                      storage={"uri": env.storage_uri, "credentialsSecret": {"name": "missing-s3"}}))
@@ -156,7 +138,7 @@ def test_missing_secret_and_image_pull_errors_are_conditions(env: OpEnv):
     ):
         pod = env.wait(lambda: next((p for p in env.pods(f"{name}-train") if p["spec"].get("nodeName") == "static-gpu-0"), None), 60, f"{name} bound")
         env.cp.kubectl("get", "pod", pod["metadata"]["name"], "-n", env.ns)
-        _kubelet_says(env, pod, reason, message)
+        kubelet_says(env.cp, env.ns, pod, reason, message)
         obj = env.wait_status("tijob", name, lambda s: condition({"status": s}, C.RUNNING).get("reason") == expect, 30, expect)
         running = condition(obj, C.RUNNING)
         assert obj["status"]["phase"] == "Pending" and running["status"] == "False"
@@ -167,7 +149,7 @@ def test_missing_secret_and_image_pull_errors_are_conditions(env: OpEnv):
     env.create(tijob("nokey", gpu_class="STATIC_TEST", region="TST1", resources=tolerate_all,
                      storage={"uri": env.storage_uri, "credentialsSecret": {"name": "half-s3"}}))
     pod = env.wait(lambda: next((p for p in env.pods("nokey-train") if p["spec"].get("nodeName")), None), 60, "nokey bound")
-    _kubelet_says(env, pod, "CreateContainerConfigError", f"couldn't find key AWS_SECRET_ACCESS_KEY in Secret {env.ns}/half-s3")
+    kubelet_says(env.cp, env.ns, pod, "CreateContainerConfigError", f"couldn't find key AWS_SECRET_ACCESS_KEY in Secret {env.ns}/half-s3")
     obj = env.wait_status("tijob", "nokey", lambda s: condition({"status": s}, C.RUNNING).get("reason") == R.SECRET_MISSING, 30)
     assert "AWS_SECRET_ACCESS_KEY" in condition(obj, C.RUNNING)["message"]
 
@@ -229,7 +211,9 @@ def test_several_workers_get_an_indexed_job_and_a_headless_service(env: OpEnv):
     assert len(pods) == 2
     assert {p["spec"]["subdomain"] for p in pods} == {"multi-train"}
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
-    assert obj["status"]["workload"] == {"jobName": "multi-train", "configMapName": "multi-train", "serviceName": "multi-train"}
+    job_uid = job["metadata"]["uid"]
+    assert obj["status"]["workload"] == {"jobName": "multi-train", "configMapName": "multi-train", "serviceName": "multi-train",
+                                         "jobGeneration": 1, "jobUid": job_uid}
 
 
 def test_invalid_spec_is_a_condition_not_a_retry_loop(env: OpEnv):

@@ -56,7 +56,8 @@ def test_namespaced_install_has_no_cluster_role_and_no_secret_access(helm):
         assert "secrets" not in rule["resources"], "the operator must not read Secrets"
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
     deploy = next(d for d in docs if d["kind"] == "Deployment")
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    # 2 replicas with leader election (one active): a rolling update is safe (tests/deploy/test_ops_chart.py)
+    assert deploy["spec"]["replicas"] == 2 and deploy["spec"]["strategy"]["type"] == "RollingUpdate"
     pod = deploy["spec"]["template"]["spec"]
     c = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in c["env"]}

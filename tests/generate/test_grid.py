@@ -140,3 +140,14 @@ def test_every_api_scheduler_name_is_known():
 def test_file_names_stay_unique_for_close_guidance_scales():
     images = grids.expand(spec(grid={"guidanceScales": [7.5, 7.5000001, 7.50000011]}))
     assert len({i.filename for i in images}) == len(images) == 6
+
+
+def test_grid_expansion_and_sharding_import_no_torch():
+    """The grid is pure: the operator and the UI can expand and shard it without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tinv.trainer.grid as g, tinv.trainer.pngmeta; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -1,5 +1,6 @@
 """Test harness: a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, KWOK fake GPU nodes) and a real S3-compatible object store (versitygw) on loopback,
+kube-scheduler, KWOK fake GPU nodes), a real S3-compatible object store (versitygw) and, opt-in, a real
+Kueue controller manager on loopback,
 from binaries that hack/cluster-bins.sh builds once from the Go module proxy.
 
 pytest: ``pytest_plugins = ["harness.fixtures"]`` gives the session fixtures ``control_plane``,
@@ -23,11 +24,12 @@ from .controlplane import (
     KubectlError,
     pod_annotations,
 )
+from .kueue import Kueue, KueueError
 from .objectstore import ObjectStore, ObjectStoreError
 
 __all__ = [
     "Binaries", "BinariesError", "find_binaries",
     "DEFAULT_NODES", "EXIT_CODE_ANNOTATION", "GPU_CLASS_LABEL", "GPU_RESOURCE", "MESSAGE_ANNOTATION",
     "REGION_LABEL", "RUN_FOR_ANNOTATION", "ControlPlane", "ControlPlaneError", "CrdApplyError", "FakeNode", "KubectlError",
-    "pod_annotations", "ObjectStore", "ObjectStoreError",
+    "pod_annotations", "ObjectStore", "ObjectStoreError", "Kueue", "KueueError",
 ]

@@ -32,6 +32,7 @@ NAMES = {
     "kwok": "KWOK",
     "helm": "HELM",
     "versitygw": "VERSITYGW",
+    "kueue": "KUEUE",  # its rendered install manifests lie beside it (manifests.yaml)
 }
 
 

@@ -10,6 +10,11 @@ Session fixtures (started on first use, torn down at the end of the session):
   or did not apply).
 * ``s3_server`` — a started :class:`harness.ObjectStore`: ``.endpoint_url``, ``.access_key``,
   ``.secret_key``, ``.make_bucket(name)``, ``.client()``, ``.env()``.
+* ``kueue`` (opt-in: started by the first test that asks for it) — a started :class:`harness.Kueue`
+  controller manager (its CRDs, RBAC and webhooks installed) on the ``workload_cluster``:
+  ``.workloads(ns)``, ``.workload_of(ns, job_name)``, ``.logs()``; ``harness.kueue`` has
+  ``resource_flavor``/``cluster_queue``/``local_queue`` manifest builders. Its webhooks are removed at
+  the end of the session, before the manager stops.
 
 Function fixtures: ``namespace`` (a fresh namespace, deleted afterwards) and ``workload_cluster``
 (``control_plane``, skipping the test when controller-manager, scheduler or KWOK could not be run,
@@ -22,6 +27,7 @@ import pytest
 
 from .binaries import BinariesError
 from .controlplane import ControlPlane, ControlPlaneError, CrdApplyError
+from .kueue import Kueue, KueueError
 from .objectstore import ObjectStore, ObjectStoreError
 
 TIJOB_CRD = "textualinversionjobs.tinv.io"
@@ -93,3 +99,20 @@ def s3_server(request: pytest.FixtureRequest):
                             f"{store.endpoint_url}")
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(request: pytest.FixtureRequest, control_plane: ControlPlane):
+    if control_plane.existing:
+        pytest.skip("the kueue fixture starts its own Kueue; not with USE_EXISTING_CLUSTER")
+    if control_plane.missing_components or not control_plane.nodes:
+        pytest.skip("Kueue needs the full harness (controller-manager, scheduler, KWOK nodes)")
+    manager = Kueue(control_plane)
+    try:
+        manager.start()
+    except (BinariesError, KueueError) as e:
+        pytest.fail(f"Kueue unavailable: {e}", pytrace=False)
+    _report(request.config, f"\n[harness] Kueue {manager.version} up in {manager.timings.get('total', 0):.1f} s "
+                            f"(webhook 127.0.0.1:{manager.webhook_port}, log {manager.log})")
+    yield manager
+    manager.stop()

@@ -360,3 +360,33 @@ def test_example_resources_build(repo=REPO):
         assert objs[-1]["kind"] == "Job"
         json.dumps(objs)  # serialisable as is
         assert copy.deepcopy(objs) == objs
+
+
+# --------------------------------------------------------------------------- issue 14
+
+def test_gpu_workloads_get_a_default_deadline_and_keep_their_own():
+    job = B.build_job(B.TIJOB, eff(job_doc()), CFG)
+    assert job["spec"]["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    assert B.job_run_policy_patch(B.TIJOB, eff(job_doc()).model)["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    own = B.build_job(B.TIJOB, eff(job_doc(runPolicy={"activeDeadlineSeconds": 600})), CFG)
+    assert own["spec"]["activeDeadlineSeconds"] == 600
+    cpu = job_doc(resources={"gpusPerWorker": 0})
+    assert "activeDeadlineSeconds" not in B.build_job(B.TIJOB, eff(cpu), CFG)["spec"]
+    grid = B.build_job(B.GRID, eff(grid_doc()), CFG)
+    assert grid["spec"]["activeDeadlineSeconds"] == B.DEFAULT_GPU_DEADLINE_SECONDS
+    # a default is not a spec change: the spec hash (what flags a running Job as changed) ignores it
+    assert eff(job_doc()).spec_hash == eff(job_doc(runPolicy={"activeDeadlineSeconds": 600})).spec_hash
+
+
+@pytest.mark.parametrize("uri", ["s3:/bad", "s3://", "s3:bucket/x", "file://relative", "pvc://", "http://host/x", "gs://b/x"])
+def test_uris_that_can_never_work_are_refused_naming_the_field(uri):
+    _, problems = validate_document(job_doc(storage={"uri": uri}))
+    assert [p.path for p in problems] == ["spec.storage.uri"], problems
+    doc = job_doc()
+    doc["spec"]["concepts"][0]["images"] = uri
+    assert [p.path for p in validate_document(doc)[1]] == ["spec.concepts[0].images"]
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/x", "file:///abs", "pvc://claim/p", "tinv-runs", "./runs", "C:/data", "/abs/path"])
+def test_uris_that_can_work_pass(uri):
+    assert validate_document(job_doc(storage={"uri": uri}))[1] == []

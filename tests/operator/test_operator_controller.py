@@ -60,6 +60,10 @@ class FakeKube:
             raise ApiError(404, "NotFound", path)
         return copy.deepcopy(self.objects[path])
 
+    def metadata(self, path):
+        """PartialObjectMetadata GET: only the metadata comes back (how the operator sees a Secret)."""
+        return {"metadata": self.get(path)["metadata"]}
+
     def merge_patch(self, path, body):
         self._check("PATCH", path)
         base = path[: -len("/status")] if path.endswith("/status") else path
@@ -82,10 +86,13 @@ class FakeKube:
 
 
 def _merge(target, patch):
+    """RFC 7386: null removes a key (and is never stored)."""
     for k, v in patch.items():
         if v is None:
             target.pop(k, None)
-        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+        elif isinstance(v, dict):
+            if not isinstance(target.get(k), dict):
+                target[k] = {}
             _merge(target[k], v)
         else:
             target[k] = v
@@ -123,7 +130,10 @@ def env(tmp_path):
     ctl.ready = True
 
     def put(kind, body):
+        """The resource exists: in the apiserver (its status can be patched) and in the watch."""
         idx[IDX_RESOURCES[kind]][(NS, body["metadata"]["name"])] = [slim(body)]
+        kube.objects.setdefault(f"/apis/tinv.io/v1alpha1/namespaces/{NS}/{B.PLURALS[kind]}/{body['metadata']['name']}", copy.deepcopy(body))
+        return body
 
     def sync_jobs():
         """What the watch would show: every Job in the fake API, in the index."""
@@ -142,7 +152,7 @@ def test_reconcile_creates_configmap_and_job_once(env):
     body = tijob()
     put(B.TIJOB, body)
     assert ctl.reconcile(B.TIJOB, body) == "ok"
-    assert sorted(k.rsplit("/", 2)[-2] for k in kube.objects) == ["configmaps", "jobs"]
+    assert sorted(k.rsplit("/", 2)[-2] for k in kube.objects) == ["configmaps", "jobs", "textualinversionjobs"]
     job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
     assert job["metadata"]["ownerReferences"][0]["uid"] == UID
     # the status already knows the Job before the watch shows it
@@ -174,7 +184,7 @@ def test_reconcile_after_lost_watch_reads_the_existing_job(env):
 def test_a_job_of_an_earlier_resource_with_the_same_name_is_not_adopted(env):
     ctl, kube, idx, put, sync = env
     old = tijob(uid="11111111-0000-0000-0000-000000000000")
-    ctl.reconcile(B.TIJOB, old)
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, old))
     new = tijob(uid=UID)
     fresh = Controller(ctl.config, kube, ctl.metrics)
     fresh.indices = {k: {} for k in idx}
@@ -189,7 +199,7 @@ def test_invalid_spec_is_permanent_with_a_condition(env):
     put(B.TIJOB, body)
     with pytest.raises(Invalid, match="gpusPerWorker"):
         ctl.reconcile(B.TIJOB, body)
-    assert not kube.objects
+    assert not kube.of_kind("jobs") and not kube.of_kind("configmaps")
     _, old, new = ctl.compute((B.TIJOB, NS, "demo"))
     assert new["phase"] == "Failed"
     assert next(c for c in new["conditions"] if c["type"] == C.ACCEPTED)["reason"] == R.INVALID_SPEC
@@ -199,13 +209,13 @@ def test_no_default_storage_is_invalid(env):
     ctl, kube, idx, put, sync = env
     ctl.config = ctl.config.replace(storage_uri=None)
     with pytest.raises(Invalid, match="storage.uri"):
-        ctl.reconcile(B.TIJOB, tijob())
+        ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob()))
 
 
 def test_suspend_and_run_policy_changes_are_applied_in_place(env):
     ctl, kube, idx, put, sync = env
     body = tijob()
-    ctl.reconcile(B.TIJOB, body)
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, body))
     sync()
     body = tijob(gen=2, runPolicy={"suspend": True, "backoffLimit": 7, "activeDeadlineSeconds": 600})
     ctl.reconcile(B.TIJOB, body)
@@ -217,20 +227,20 @@ def test_suspend_and_run_policy_changes_are_applied_in_place(env):
 
 def test_resources_change_while_running_is_flagged_and_applied_when_suspended(env):
     ctl, kube, idx, put, sync = env
-    ctl.reconcile(B.TIJOB, tijob())
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob()))
     sync()
     bigger = {"gpusPerWorker": 2, "gpuClass": "A100_PCIE_80GB", "region": "ORD1"}
-    ctl.reconcile(B.TIJOB, tijob(gen=2, resources=bigger))
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob(gen=2, resources=bigger)))
     assert ctl.facts[(B.TIJOB, NS, "demo")].notice[0] == SPEC_CHANGE_PENDING
     assert kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # suspend: once its pods are gone the Job is replaced, the new one has the new resources
-    ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True})))
     assert kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]["spec"]["suspend"] is True
     sync()
     with pytest.raises(Retry, match="replacing"):
-        ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))
+        ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True})))
     sync()
-    assert ctl.reconcile(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True})) == "ok"
+    assert ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))) == "ok"
     job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert job["spec"]["suspend"] is True
@@ -240,10 +250,10 @@ def test_api_errors_propagate_classified(env):
     ctl, kube, idx, put, sync = env
     kube.fail[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = ApiError(503, "ServiceUnavailable", "etcd")
     with pytest.raises(ApiError) as info:
-        ctl.reconcile(B.TIJOB, tijob())
+        ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob()))
     assert info.value.retryable
     kube.fail.clear()
-    assert ctl.reconcile(B.TIJOB, tijob()) == "ok"  # the ConfigMap from the first try is reused
+    assert ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob())) == "ok"  # the ConfigMap from the first try is reused
     assert len(kube.of_kind("configmaps")) == 1
 
 
@@ -278,7 +288,7 @@ def test_grid_waits_for_a_named_checkpoint(env):
     job = tijob()
     job["status"] = {"phase": "Running", "checkpoints": []}
     put(B.TIJOB, job)
-    grid = ggrid(checkpoint=uuid)
+    grid = put(B.GRID, ggrid(checkpoint=uuid))
     assert ctl.reconcile(B.GRID, grid) == "waiting"
     assert ctl.facts[(B.GRID, NS, "g")].waiting[0] == R.WAITING_FOR_CHECKPOINT
     job["status"]["checkpoints"] = [{"uuid": uuid, "step": 10, "uri": "file:///r/x"}]
@@ -290,6 +300,7 @@ def test_resolution_is_kept_from_status_after_a_restart(env):
     ctl, kube, idx, put, sync = env
     grid = ggrid()
     grid["status"] = {"resolvedEmbeddings": [{"job": "demo", "checkpoint": "c1", "uri": "file:///r/c1"}]}
+    put(B.GRID, grid)
     # the job is gone or changed: the recorded resolution still holds
     assert ctl.reconcile(B.GRID, grid) == "ok"
     assert ctl.facts[(B.GRID, NS, "g")].resolved[0]["checkpoint"] == "c1"
@@ -300,7 +311,7 @@ def test_status_write_posts_events_and_counts_checkpoints(env, tmp_path):
     body = tijob()
     kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/demo"] = copy.deepcopy(body)
     put(B.TIJOB, body)
-    ctl.reconcile(B.TIJOB, body)
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, body))
     sync()
     key = (B.TIJOB, NS, "demo")
     _, old, new = ctl.compute(key)
@@ -355,3 +366,236 @@ def test_pvc_storage_is_not_read(env):
     ctl, kube, idx, put, sync = env
     view = ctl.reader.read(("k",), "pvc://claim/x", None, checkpoints=True)
     assert view.unsupported and view.error is None
+
+
+# --------------------------------------------------------------------------- issue 14: one Job per record, one writer per run root
+
+JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+
+
+def _status(kube, kind=B.TIJOB, name="demo"):
+    return kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/{B.PLURALS[kind]}/{name}"].get("status") or {}
+
+
+def _reopen(ctl, kube, idx, body):
+    """A fresh operator (a restart): empty registry, the watch shows what the apiserver has."""
+    fresh = Controller(ctl.config, kube, ctl.metrics)
+    fresh.indices = idx
+    stored = copy.deepcopy(kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/{body['metadata']['name']}"])
+    stored["metadata"]["resourceVersion"] = str(kube.rv)
+    idx[IDX_RESOURCES[B.TIJOB]][(NS, body["metadata"]["name"])] = [slim(stored)]
+    return fresh, stored
+
+
+def test_the_job_is_recorded_in_status_before_it_is_created(env):
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob())
+    order = []
+    real_create = kube.create
+    kube.create = lambda path, obj: (order.append((obj["kind"], copy.deepcopy(_status(kube).get("workload")))), real_create(path, obj))[1]
+    ctl.reconcile(B.TIJOB, body)
+    assert order[-1] == ("Job", {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 1})
+    assert ctl.facts[(B.TIJOB, NS, "demo")].record["jobUid"] == kube.objects[f"{JOBS}/demo-train"]["metadata"]["uid"]
+
+
+def test_a_recorded_job_that_is_gone_is_never_created_again(env, tmp_path):
+    """ttlSecondsAfterFinished: 0, an outage longer than the TTL, or `kubectl delete job`: the
+    resource says a Job was created, the Job is gone: no second one, whatever reconciles it."""
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob())
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    _, old, new = ctl.compute((B.TIJOB, NS, "demo"))
+    ctl.write_status((B.TIJOB, NS, "demo"), body, old, new)  # the uid reaches status
+    assert _status(kube)["workload"]["jobUid"]
+    kube.objects.pop(f"{JOBS}/demo-train")  # the TTL controller removed it while the operator was down
+    sync()
+    fresh, stored = _reopen(ctl, kube, idx, body)
+    for _ in range(3):  # on.resume, then sweeps
+        assert fresh.reconcile(B.TIJOB, stored) == "ok"
+    assert not kube.of_kind("jobs")
+    assert fresh.facts[(B.TIJOB, NS, "demo")].job_gone
+    # the outcome comes from progress.json
+    root = Path(fresh.facts[(B.TIJOB, NS, "demo")].output_uri[len("file://"):])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "progress.json").write_text(json.dumps({"state": "succeeded", "step": 100, "total_steps": 100}))
+    fresh.storage[(B.TIJOB, NS, "demo")] = fresh.reader.read((B.TIJOB, NS, "demo"), f"file://{root}", None, checkpoints=True)
+    _, _, st = fresh.compute((B.TIJOB, NS, "demo"))
+    assert st["phase"] == "Succeeded" and st["workload"]["jobUid"]
+
+
+def test_a_record_written_just_before_a_crash_creates_the_job_only_if_nothing_ran(env):
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob())
+    kube.fail[("POST", JOBS)] = ApiError(0, "NetworkError", "the operator died here")
+    with pytest.raises(ApiError):
+        ctl.reconcile(B.TIJOB, body)
+    kube.fail.clear()
+    assert _status(kube)["workload"] == {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 1}
+    fresh, stored = _reopen(ctl, kube, idx, body)
+    assert fresh.reconcile(B.TIJOB, stored) == "ok"
+    assert len(kube.of_kind("jobs")) == 1, "no progress.json: the Job never ran, so it is created now"
+    # the same, but the Job had run (progress.json exists) and is gone: not created again
+    kube.objects.pop(f"{JOBS}/demo-train")
+    status = _status(kube)
+    status["workload"].pop("jobUid", None)
+    root = Path(fresh.facts[(B.TIJOB, NS, "demo")].output_uri[len("file://"):])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "progress.json").write_text(json.dumps({"state": "running", "step": 3}))
+    again, stored = _reopen(ctl, kube, idx, body)
+    stored["status"] = status
+    assert again.reconcile(B.TIJOB, stored) == "ok"
+    assert not kube.of_kind("jobs") and again.facts[(B.TIJOB, NS, "demo")].job_gone
+
+
+def test_a_finished_job_removed_at_once_keeps_its_outcome_and_is_not_recreated(env):
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob(runPolicy={"ttlSecondsAfterFinished": 0}))
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    job = idx[IDX_JOBS][(NS, "demo-train")][0]
+    done = {**job, "active": 0, "succeeded": 1, "conditions": {"Complete": {"status": "True", "reason": "", "message": ""}}}
+    ctl.on_child(NS, "demo-train", done)  # the watch shows it Complete ...
+    kube.objects.pop(f"{JOBS}/demo-train")
+    sync()  # ... and then DELETED
+    ctl.sweep()
+    assert ctl.reconcile(B.TIJOB, body) == "ok"
+    assert not kube.of_kind("jobs")
+    _, _, st = ctl.compute((B.TIJOB, NS, "demo"))
+    assert st["phase"] == "Succeeded"
+
+
+def test_no_job_is_created_while_pods_of_an_earlier_one_run(env):
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob())
+    idx[IDX_PODS][(NS, "demo-train")] = [{"name": "demo-train-x", "ownerUid": UID, "phase": "Running", "deleting": True}]
+    with pytest.raises(Retry, match="1 pod"):
+        ctl.reconcile(B.TIJOB, body)
+    assert not kube.of_kind("jobs")
+    _, _, st = ctl.compute((B.TIJOB, NS, "demo"))
+    assert next(c for c in st["conditions"] if c["type"] == C.RUNNING)["reason"] == R.WAITING_FOR_PODS
+    idx[IDX_PODS][(NS, "demo-train")] = [{"name": "demo-train-x", "ownerUid": UID, "phase": "Failed", "deleting": True}]
+    assert ctl.reconcile(B.TIJOB, body) == "ok" and len(kube.of_kind("jobs")) == 1
+
+
+def test_a_suspended_job_is_replaced_only_once_its_pods_are_gone(env):
+    ctl, kube, idx, put, sync = env
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob()))
+    sync()
+    bigger = {"gpusPerWorker": 2, "gpuClass": "A100_PCIE_80GB", "region": "ORD1"}
+    body = put(B.TIJOB, tijob(gen=3, resources=bigger, runPolicy={"suspend": True}))
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    key = f"{JOBS}/demo-train"
+    old_uid = kube.objects[key]["metadata"]["uid"]
+    idx[IDX_JOBS][(NS, "demo-train")][0]["terminating"] = 1  # the Job controller is stopping its pod
+    idx[IDX_PODS][(NS, "demo-train")] = [{"name": "demo-train-x", "ownerUid": UID, "phase": "Running", "deleting": True}]
+    with pytest.raises(Retry, match="waits for 1 pod"):
+        ctl.reconcile(B.TIJOB, body)
+    assert kube.objects[key]["metadata"]["uid"] == old_uid and ("DELETE", key) not in kube.calls
+    idx[IDX_JOBS][(NS, "demo-train")][0]["terminating"] = 0
+    idx[IDX_PODS][(NS, "demo-train")] = []
+    with pytest.raises(Retry, match="replacing"):
+        ctl.reconcile(B.TIJOB, body)
+    assert "jobUid" not in _status(kube)["workload"], "our own replacement clears the record first"
+    # the watch still shows the old Job (it lags the DELETE): never adopted back into the record
+    with pytest.raises(Retry, match="earlier Job"):
+        ctl.reconcile(B.TIJOB, body)
+    assert ctl.facts[(B.TIJOB, NS, "demo")].record is None
+    sync()
+    assert ctl.reconcile(B.TIJOB, body) == "ok"
+    assert kube.objects[key]["metadata"]["uid"] != old_uid
+
+
+def test_a_missing_default_credentials_secret_holds_the_job(env):
+    ctl, kube, idx, put, sync = env
+    ctl.config = ctl.config.replace(storage_uri="s3://bucket/runs", storage_endpoint="http://127.0.0.1:9", storage_secret="tinv-s3")
+    body = put(B.TIJOB, tijob())
+    with pytest.raises(Retry) as held:
+        ctl.reconcile(B.TIJOB, body)
+    assert "tinv-s3" in str(held.value) and held.value.delay >= 10
+    assert not kube.of_kind("jobs") and ("GET", f"/api/v1/namespaces/{NS}/secrets/tinv-s3") in kube.calls
+    _, _, st = ctl.compute((B.TIJOB, NS, "demo"))
+    assert next(c for c in st["conditions"] if c["type"] == C.RUNNING)["reason"] == R.SECRET_MISSING
+    kube.objects[f"/api/v1/namespaces/{NS}/secrets/tinv-s3"] = {"metadata": {"name": "tinv-s3"}, "data": {"AWS_ACCESS_KEY_ID": "eA=="}}
+    assert ctl.reconcile(B.TIJOB, body) == "ok" and len(kube.of_kind("jobs")) == 1
+    # a Secret the resource names itself is not checked (the pod reports a missing one)
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob(name="own", uid="7b000000-1111-2222-3333-444455556666",
+                                              storage={"credentialsSecret": {"name": "mine"}})))
+    assert ("GET", f"/api/v1/namespaces/{NS}/secrets/mine") not in kube.calls
+
+
+def test_a_forbidden_secret_check_is_skipped(env):
+    ctl, kube, idx, put, sync = env
+    ctl.config = ctl.config.replace(storage_uri="s3://bucket/runs", storage_endpoint="http://127.0.0.1:9", storage_secret="tinv-s3")
+    kube.fail[("GET", f"/api/v1/namespaces/{NS}/secrets/tinv-s3")] = ApiError(403, "Forbidden", "secrets is forbidden")
+    assert ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob())) == "ok"
+
+
+def test_cleanup_deletes_the_job_waits_for_its_pods_then_the_outputs(env):
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob(storage={"cleanupOnDelete": True}))
+    ctl.reconcile(B.TIJOB, body)
+    sync()
+    root = Path(ctl.facts[(B.TIJOB, NS, "demo")].output_uri[len("file://"):])
+    (root / "checkpoints" / "c1").mkdir(parents=True)
+    idx[IDX_PODS][(NS, "demo-train")] = [{"name": "demo-train-x", "ownerUid": UID, "phase": "Running", "deleting": True}]
+    with pytest.raises(Retry, match="waiting for 1 pod"):
+        ctl.cleanup_outputs(B.TIJOB, body, elapsed=1.0)
+    assert ("DELETE", f"{JOBS}/demo-train") in kube.calls and root.exists()
+    _, _, st = ctl.compute((B.TIJOB, NS, "demo"))
+    assert next(c for c in st["conditions"] if c["type"] == C.RUNNING)["reason"] == R.DELETING
+    sync()
+    idx[IDX_PODS][(NS, "demo-train")] = []
+    assert "deleted outputs" in ctl.cleanup_outputs(B.TIJOB, body, elapsed=3.0)
+    assert not root.exists()
+
+
+def test_cleanup_gives_up_when_pods_outlive_the_wait(env):
+    from tinv.operator.controller import GaveUp
+
+    ctl, kube, idx, put, sync = env
+    body = put(B.TIJOB, tijob(storage={"cleanupOnDelete": True}))
+    ctl.reconcile(B.TIJOB, body)
+    idx[IDX_PODS][(NS, "demo-train")] = [{"name": "demo-train-x", "ownerUid": UID, "phase": "Running", "deleting": True}]
+    with pytest.raises(GaveUp, match="kept"):
+        ctl.cleanup_outputs(B.TIJOB, body, elapsed=ctl.config.termination_grace_seconds + 31)
+
+
+def _finished_job(status):
+    job = tijob()
+    job["status"] = status
+    return job
+
+
+def test_grid_references_that_can_never_resolve_are_blocked_with_a_reason(env):
+    ctl, kube, idx, put, sync = env
+    uuid = "6f1c4a52-0d3e-4d7c-9c1a-3b2f6a1e9d10"
+    kept = [{"uuid": "c2", "step": 20, "uri": "file:///r/c2"}]
+    # a uuid that fell out of the newest checkpointsKept, on a finished job
+    put(B.TIJOB, _finished_job({"phase": "Succeeded", "checkpoints": kept, "latestCheckpoint": kept[0]}))
+    assert ctl.reconcile(B.GRID, put(B.GRID, ggrid(checkpoint=uuid))) == "blocked"
+    reason, msg = ctl.facts[(B.GRID, NS, "g")].blocked
+    assert reason == R.CHECKPOINT_NOT_FOUND and "spec.embeddings[0].checkpoint" in msg and "checkpointsKept" in msg and "c2" in msg
+    # ... found in storage (not yet in the job's status): resolved from there
+    from tinv.operator.status import StorageView
+    ctl.storage[(B.TIJOB, NS, "demo")] = StorageView(checkpoints=[{"uuid": uuid, "step": 5, "uri": f"file:///r/{uuid}"}])
+    assert ctl.reconcile(B.GRID, put(B.GRID, ggrid(name="g2", checkpoint=uuid, uid="9d200000-1111-2222-3333-444455556666"))) == "ok"
+    ctl.storage.clear()
+    # 'latest' on a failed job
+    put(B.TIJOB, _finished_job({"phase": "Failed", "checkpoints": kept, "latestCheckpoint": kept[0],
+                                "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}))
+    assert ctl.reconcile(B.GRID, ggrid()) == "blocked"
+    reason, msg = ctl.facts[(B.GRID, NS, "g")].blocked
+    assert reason == R.REFERENCED_JOB_FAILED and "c2" in msg and "BackoffLimitExceeded" in msg
+    # a succeeded job without a checkpoint: waits for the final reads of storage, then blocked
+    put(B.TIJOB, _finished_job({"phase": "Succeeded", "checkpoints": []}))
+    assert ctl.reconcile(B.GRID, ggrid()) == "waiting"
+    assert "final checkpoint" in ctl.facts[(B.GRID, NS, "g")].waiting[1]
+    ctl.registry.final_sweeps[(B.TIJOB, NS, "demo")] = 2
+    assert ctl.reconcile(B.GRID, ggrid()) == "blocked"
+    assert ctl.facts[(B.GRID, NS, "g")].blocked[0] == R.NO_CHECKPOINT
+    # a running job: waits, and says what happens if the checkpoint is gone
+    put(B.TIJOB, _finished_job({"phase": "Running", "checkpoints": kept}))
+    assert ctl.reconcile(B.GRID, ggrid(checkpoint=uuid)) == "waiting"
+    assert "fails when the job finishes" in ctl.facts[(B.GRID, NS, "g")].waiting[1]

@@ -302,3 +302,112 @@ def test_events_per_transition_and_checkpoint():
     assert events[1][:2] == ("Normal", S.CHECKPOINT_RECORDED) and "c1" in events[1][2] and "step 10" in events[1][2]
     assert S.transitions(running, running) == []
     assert S.new_checkpoints(unsched, running) == 1
+
+
+# --------------------------------------------------------------------------- issue 14: lost Jobs, holds, deletion, bounds
+
+RECORD = {"jobGeneration": 2, "jobUid": "job-uid-1"}
+RUNNING = {"phase": "Running", "conditions": [], "workload": {"jobName": "demo-train", "configMapName": "demo-train", **RECORD}}
+
+
+def progress(state: str, **kw) -> S.StorageView:
+    return S.StorageView(progress={"state": state, "step": 100, "total_steps": 100, "loss": 0.1, **kw})
+
+
+def test_the_job_record_is_written_and_kept():
+    st = compute(f=facts(record=RECORD), j=job(), pods=[pod()])
+    assert st["workload"] == {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 2, "jobUid": "job-uid-1"}
+    valid(st)
+
+
+def test_a_recorded_job_not_in_the_watch_is_not_reported_as_being_created():
+    st = compute(old=RUNNING, f=facts(record=RECORD), j=None)
+    assert st["phase"] == "Running" and cond(st, C.RUNNING).get("reason") != R.JOB_CREATED
+    assert "creating" not in json.dumps(st)
+
+
+def test_a_deleted_job_whose_progress_says_succeeded_is_succeeded():
+    st = compute(old=RUNNING, f=facts(record=RECORD, job_gone=True), j=None, storage=progress("succeeded", updated_at=NOW))
+    assert st["phase"] == "Succeeded" and cond(st, C.SUCCEEDED)["reason"] == R.COMPLETED
+    assert "progress.json" in cond(st, C.SUCCEEDED)["message"] and st["completionTime"] == NOW
+    assert ("Normal", R.COMPLETED) in [(t, r) for t, r, _ in S.transitions(RUNNING, st)]
+    valid(st)
+
+
+def test_a_deleted_job_whose_progress_says_failed_is_failed():
+    st = compute(old=RUNNING, f=facts(record=RECORD, job_gone=True), j=None, storage=progress("failed", message="CUDA error"))
+    assert st["phase"] == "Failed" and cond(st, C.FAILED)["reason"] == R.JOB_FAILED and "CUDA error" in cond(st, C.FAILED)["message"]
+
+
+def test_a_job_deleted_before_it_finished_fails_and_says_how_to_continue():
+    ck = {"uuid": "c1", "step": 40, "uri": "s3://b/c1"}
+    st = compute(old=RUNNING, f=facts(record=RECORD, job_gone=True), j=None, storage=progress("running", step=40, latest_checkpoint=ck))
+    failed = cond(st, C.FAILED)
+    assert st["phase"] == "Failed" and failed["reason"] == R.JOB_DELETED
+    assert "not re-created" in failed["message"] and "c1" in failed["message"] and "resumeFrom" in failed["message"]
+    assert ("Warning", R.JOB_DELETED) in [(t, r) for t, r, _ in S.transitions(RUNNING, st)]
+
+
+def test_a_deleted_job_waits_for_storage_before_deciding():
+    for view in (None, S.StorageView(error="s3://b: storage unreachable")):
+        st = compute(old=RUNNING, f=facts(record=RECORD, job_gone=True), j=None, storage=view)
+        assert st["phase"] not in S.TERMINAL and cond(st, C.RUNNING)["reason"] == R.JOB_DELETED
+
+
+def test_a_removed_finished_job_still_tells_its_outcome():
+    j = job(active=0, succeeded=1, removed=True, conditions={"Complete": {"status": "True", "reason": "", "message": ""}})
+    st = compute(old=RUNNING, f=facts(record=RECORD), j=j)
+    assert st["phase"] == "Succeeded"
+
+
+def test_held_jobs_say_why():
+    secret = compute(f=facts(hold=(R.SECRET_MISSING, "the default storage credentials Secret tinv-s3 does not exist")))
+    assert secret["phase"] == "Pending" and cond(secret, C.RUNNING)["reason"] == R.SECRET_MISSING
+    assert ("Warning", R.SECRET_MISSING) in [(t, r) for t, r, _ in S.transitions({}, secret)]
+    pods = compute(f=facts(hold=(R.WAITING_FOR_PODS, "waiting for 1 pod(s) of an earlier Job")))
+    assert cond(pods, C.RUNNING)["reason"] == R.WAITING_FOR_PODS
+
+
+def test_deleting_never_says_creating():
+    st = compute(old=RUNNING, f=facts(record=RECORD, deleting="being deleted: waiting for 1 pod(s) of Job demo-train to stop"), j=None)
+    assert cond(st, C.RUNNING)["reason"] == R.DELETING and "creating" not in json.dumps(st)
+    valid(st)
+
+
+def test_blocked_grid_fails_with_the_reason_and_recovers():
+    f = facts(kind=GRID, job_name="g-grid", blocked=(R.CHECKPOINT_NOT_FOUND, "checkpoint x (spec.embeddings[0].checkpoint) is not a checkpoint"))
+    st = compute(kind=GRID, f=f)
+    assert st["phase"] == "Failed" and cond(st, C.FAILED)["reason"] == R.CHECKPOINT_NOT_FOUND
+    assert "spec.embeddings[0]" in cond(st, C.WAITING)["message"]
+    assert ("Warning", R.CHECKPOINT_NOT_FOUND) in [(t, r) for t, r, _ in S.transitions({"phase": "Waiting"}, st)]
+    valid(st, GRID)
+    again = compute(kind=GRID, old=st, f=facts(kind=GRID, job_name="g-grid", resolved=[{"uri": "s3://b/e"}]), now=LATER)
+    assert again["phase"] == "Pending" and cond(again, C.FAILED)["status"] == "False"
+
+
+def test_observed_generation_is_the_reconciled_one():
+    st = S.compute_status(kind=TIJOB, old=None, generation=5, spec=SPEC, facts=facts(generation=4), job=job(), pods=[pod()], storage=None, now=NOW)
+    assert st["observedGeneration"] == 4 and all(c["observedGeneration"] == 4 for c in st["conditions"])
+
+
+def test_values_from_storage_are_clamped_to_the_crd():
+    raw = {"step": 2**64, "totalSteps": -3, "loss": float("nan"), "samplesPerSecond": -1.0, "etaSeconds": 10**30,
+           "imagesPerSecond": -2.0, "summary": "x" * 500}
+    view = S.StorageView(progress=raw, checkpoints=[{"uuid": "big", "step": 2**70, "uri": "s3://b/big"},
+                                                    {"uuid": "ok", "step": 3, "uri": "s3://b/ok", "loss": float("inf")}])
+    st = compute(j=job(), pods=[pod()], storage=view)
+    valid(st)
+    assert "step" not in st.get("progress", {}) and "samplesPerSecond" not in st.get("progress", {})
+    assert [c["uuid"] for c in st["checkpoints"]] == ["ok"] and "loss" not in st["checkpoints"][0]
+    grid = compute(kind=GRID, f=facts(kind=GRID, job_name="g-grid"), j=job(), pods=[pod()],
+                   storage=S.StorageView(progress={"imagesDone": 3, "imagesTotal": 10**40, "imagesPerSecond": -5}))
+    valid(grid, GRID)
+    assert grid["progress"]["imagesDone"] == 3 and len(grid["progress"].get("summary", "")) <= 64
+    assert "imagesPerSecond" not in grid["progress"]
+
+
+def test_clamp_drops_what_the_status_model_refuses():
+    st = {"phase": "Running", "conditions": [], "progress": {"summary": "1/2"}, "checkpoints": [{"uuid": "a", "step": 1}]}
+    out = S.clamp_status(TIJOB, st)
+    TextualInversionJobStatus.model_validate(out)
+    assert out["phase"] == "Running"

@@ -164,3 +164,66 @@ def test_images_model_and_outputs_in_object_storage(s3_server, make_job, logo_di
     # resume reads it back from S3
     again = train(job, Options(validation=False, steps=3))
     assert again.step == 3
+
+
+class _SilentHub:
+    """A TCP server that accepts connections and never answers: a model download that hangs."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.conns = []
+
+        def serve():
+            while True:
+                try:
+                    c, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.conns.append(c)
+                self.accepted += 1
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_sigterm_while_starting_exits_75_and_says_what_was_saved(job_yaml, tmp_path, with_checkpoint):
+    """Issue 13, bug 10: pre-emption while the model downloads used to exit 143 with nothing printed."""
+    job = job_yaml(training={"steps": 10, "checkpointEvery": 2})
+    if with_checkpoint:
+        r = run_cli("train", str(job), "--steps", "2", "--no-progress")
+        assert r.returncode == 0, r.stderr
+    hub = _SilentHub()
+    term = tmp_path / "term.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{hub.port}"}
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "tinv.trainer", "train", str(job), "--model", "org/some-model", "--no-progress",
+                              "--termination-message-path", str(term)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while hub.accepted < 2 and time.monotonic() < deadline and p.poll() is None:  # the probe, then the download
+            time.sleep(0.1)
+        assert hub.accepted >= 2 and p.poll() is None, p.communicate()[1] if p.poll() is not None else "no download started"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        hub.close()
+    assert p.returncode == 75, err
+    last = err.strip().splitlines()[-1]
+    msg = json.loads(term.read_text())
+    assert msg["exit_code"] == 75 and msg["state"] == "running" and msg["reason"] == "Preempted"
+    if with_checkpoint:
+        assert "SIGTERM" in last and "(step 2) is kept" in last and "continues from it" in last, last
+    else:
+        assert "SIGTERM" in last and "nothing saved" in last, last

@@ -19,7 +19,7 @@ class Sizes:
     text_width: int = 64
     text_layers: int = 3
     vae_channels: tuple[int, ...] = (16, 32, 64, 64)
-    unet_channels: tuple[int, ...] = (64, 128)
+    unet_channels: tuple[int, ...] = (48, 96)
     unet_layers: int = 1
     tower_width: int = 32  # CLIP image tower / evaluator base width
 
@@ -72,6 +72,7 @@ def vae(sz: Sizes):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
+        mid_block_add_attention=False,  # flat 64 px scenes need no global attention in the VAE
         sample_size=scenes.SIZE,
         scaling_factor=1.0,  # set from the data after the VAE stage (as SD's 0.18215 was)
     )

@@ -41,9 +41,9 @@ log = logging.getLogger("tinv.world")
 STAGES = ("clip", "vae", "evaluator", "unet")
 # Steps of a full run (about 2 hours on 2 free cores) and each stage's share of a wall budget.
 FULL_STEPS = {"clip": 300, "vae": 2000, "evaluator": 800, "unet": 4000}
-BUDGET_SHARE = {"clip": 0.07, "vae": 0.30, "evaluator": 0.08, "unet": 0.55}
+BUDGET_SHARE = {"clip": 0.05, "vae": 0.21, "evaluator": 0.09, "unet": 0.65}
 BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
-POOL = 24000  # scenes whose latents the UNet trains on
+POOL = 12000  # scenes whose latents the UNet trains on
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Config:
     pool: int = POOL
     batch: dict[str, int] = field(default_factory=lambda: dict(BATCH))
     checkpoint_every: int = 250
+    vae_crop: int = 32  # VAE training crops (px); the full 64 px scene costs 4x as much
 
     def stage_dir(self, name: str) -> Path:
         return self.out / "stages" / name
@@ -158,7 +159,7 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 25 == 0:
+        if step % 10 == 0:
             _log(cfg, stage="clip", step=step, loss=round(loss.item(), 4))
     steps = step + 1 if total else 0
     d = cfg.stage_dir("clip")
@@ -181,7 +182,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     torch.manual_seed(g.initial_seed())
     vae = nets.vae(cfg.sizes)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    total, b = cfg.steps["vae"], cfg.batch["vae"]
+    total, b, crop = cfg.steps["vae"], cfg.batch["vae"], cfg.vae_crop
     t0, step = time.monotonic(), 0
     vae.train()
     for step in range(total):
@@ -189,6 +190,10 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
             break
         idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
         x = nets.to_tensor(pool_arr[idx.numpy()])
+        if crop < x.shape[-1]:
+            # The VAE is convolutional: random crops teach it the same local code at a fraction of the cost.
+            oy, ox = (int(v) * 8 for v in torch.randint(0, (x.shape[-1] - crop) // 8 + 1, (2,), generator=g))
+            x = x[:, :, oy : oy + crop, ox : ox + crop]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -199,7 +204,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0:
+        if step % 10 == 0:
             _log(cfg, stage="vae", step=step, loss=round(loss.item(), 4), l1=round(l1.item(), 4))
     steps = step + 1 if total else 0
     vae.eval()
@@ -216,7 +221,14 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
 def load_vae(cfg: Config):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(cfg.stage_dir("vae") / "vae").eval()
+    from safetensors.torch import load_file
+
+    # Built from config + weights rather than from_pretrained, which records the (run-specific)
+    # folder as _name_or_path in the config and would make the shipped files depend on it.
+    d = cfg.stage_dir("vae") / "vae"
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d))
+    vae.load_state_dict(load_file(str(d / "diffusion_pytorch_model.safetensors")))
+    return vae.eval()
 
 
 def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +264,7 @@ def stage_evaluator(cfg: Config, budget: Budget) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0:
+        if step % 10 == 0:
             _log(cfg, stage="evaluator", step=step, loss=round(loss.item(), 4))
     steps = step + 1 if total else 0
     ev.eval()
@@ -356,7 +368,7 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        if step % 25 == 0:
+        if step % 10 == 0:
             _log(cfg, stage="unet", step=step, loss=round(loss.item(), 4))
         if (step + 1) % cfg.checkpoint_every == 0:
             save_model(cfg, ema, cfg.out / "model")

@@ -61,4 +61,18 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- /* operator (issue 14, item 9): before creating a GPU Job the operator checks that the default
+     credentials Secret exists, by a PartialObjectMetadata GET (metadata only, never its data). `get`
+     is limited to that one Secret name, whose keys the operator already holds itself
+     (operatorStorageCredentialsSecret defaults to it); no other Secret can be read. */}}
+{{- with .Values.defaults.storage.credentialsSecret }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ . | quote }}]
+  verbs: ["get"]
+{{- end }}
+# leader election of the replicas (operator/leader.py)
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "patch"]
 {{- end -}}

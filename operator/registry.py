@@ -1,0 +1,199 @@
+"""The registry of facts: everything the operator knows about its resources, in one place.
+
+kopf's indexes hold what the cluster shows (resources, their Jobs and pods); the registry adds what
+the operator decided (`Facts`, per resource), what storage said (`StorageView`), what it wrote last
+(newer than the watch may show yet), the Jobs it created before the watch shows them, and the last
+view of each finished Job (so a Job removed by `ttlSecondsAfterFinished: 0` still tells its
+outcome). Thread-safe: reconcile, status and polling threads all read and write it.
+
+Marking a resource *dirty* asks the status writer to recompute its status soon (`on_mark`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any, Callable
+
+from .status import Facts, StorageView
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+
+#: kopf index ids (handler ids) the registry reads.
+IDX_RESOURCES = {"TextualInversionJob": "tinv_tijobs", "GenerationGrid": "tinv_grids"}
+IDX_JOBS = "tinv_jobs"
+IDX_PODS = "tinv_pods"
+
+FINISHED = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+def slim(body: Any) -> dict[str, Any]:
+    """The part of a resource the operator keeps in memory (a deep copy: kopf reuses nothing)."""
+    meta = body.get("metadata", {}) or {}
+    keep = ("name", "namespace", "uid", "generation", "resourceVersion", "deletionTimestamp", "creationTimestamp", "labels", "annotations")
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": copy.deepcopy({k: meta[k] for k in keep if k in meta}),
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+
+
+def resource_version(body: dict[str, Any] | None) -> int:
+    try:
+        return int(((body or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def job_finished(job: dict[str, Any] | None) -> bool:
+    """Whether a job view (status.job_view) carries a terminal condition."""
+    conds = (job or {}).get("conditions") or {}
+    return any((conds.get(t) or {}).get("status") == "True" for t in FINISHED)
+
+
+def live(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods whose containers may still run, deleting or not (a terminating pod can still write)."""
+    return [p for p in pods if p.get("phase") in ("Pending", "Running")]
+
+
+def _one(index: Any, key: Any) -> Any:
+    """The single value of a kopf index key, or None (safe to call from a worker thread)."""
+    if index is None:
+        return None
+    for _ in range(3):
+        try:
+            store = index.get(key)
+            return next(iter(store), None) if store else None
+        except RuntimeError:  # changed while read from another thread: read again
+            continue
+    return None
+
+
+def _all(index: Any, key: Any) -> list[Any]:
+    if index is None:
+        return []
+    for _ in range(3):
+        try:
+            store = index.get(key)
+            return list(store) if store else []
+        except RuntimeError:
+            continue
+    return []
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.indices: dict[str, Any] = {}
+        self.facts: dict[Key, Facts] = {}
+        self.storage: dict[Key, StorageView] = {}
+        self.written: dict[Key, tuple[int, dict[str, Any]]] = {}
+        self.created_jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.finished_jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.replaced: dict[tuple[str, str], str | None] = {}  # Job uid the operator deleted to replace it
+        self.waiting: dict[tuple[str, str], set[Key]] = {}
+        self.job_owner: dict[tuple[str, str], Key] = {}
+        self.last_write: dict[Key, float] = {}
+        self.final_sweeps: dict[Key, int] = {}
+        self.missing_since: dict[Key, float] = {}
+        self.dirty: set[Key] = set()
+        self.inflight: set[Key] = set()
+        self.ready = False
+        self.lock = threading.RLock()
+        self.on_mark: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ what the cluster shows
+    def resource(self, key: Key) -> dict[str, Any] | None:
+        kind, ns, name = key
+        return _one(self.indices.get(IDX_RESOURCES[kind]), (ns, name))
+
+    def job(self, ns: str, job_name: str, uid: str | None = None) -> dict[str, Any] | None:
+        """The resource's Job: from the watch, else the one just created, else the last view of a
+        finished Job that has since been removed (`removed: True`)."""
+        job = _one(self.indices.get(IDX_JOBS), (ns, job_name))
+        if job is None:
+            job = self.created_jobs.get((ns, job_name))
+        elif (ns, job_name) in self.created_jobs:
+            with self.lock:
+                self.created_jobs.pop((ns, job_name), None)
+        if job is None and (ns, job_name) in self.finished_jobs:
+            job = {**self.finished_jobs[(ns, job_name)], "removed": True}
+        if job is not None and uid and job.get("ownerUid") not in (None, uid):
+            return None  # a Job of a deleted resource with the same name, not yet collected
+        return job
+
+    def pods(self, ns: str, job_name: str, uid: str | None = None) -> list[dict[str, Any]]:
+        pods = _all(self.indices.get(IDX_PODS), (ns, job_name))
+        return [p for p in pods if not uid or p.get("ownerUid") in (None, uid)]
+
+    def status_of(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
+        """The freshest status: our last write when the watch has not shown it yet."""
+        written = self.written.get(key)
+        if written and written[0] > resource_version(body):
+            return written[1]
+        return body.get("status") or {}
+
+    # ------------------------------------------------------------------ what the operator decided
+    def mark(self, key: Key) -> None:
+        """Recompute this resource's status soon (thread-safe)."""
+        with self.lock:
+            self.dirty.add(key)
+        if self.on_mark is not None:
+            self.on_mark()
+
+    def set_facts(self, key: Key, facts: Facts) -> None:
+        with self.lock:
+            if key not in self.facts:
+                # the first write waits status_min_interval too: Pending -> scheduled -> Running
+                # within that time is one write (and one Event), not three
+                self.last_write.setdefault(key, time.monotonic())
+            self.facts[key] = facts
+            self.job_owner[(key[1], facts.job_name)] = key
+            self.missing_since.pop(key, None)
+        self.mark(key)
+
+    def owner_of(self, ns: str, job_name: str) -> Key | None:
+        return self.job_owner.get((ns, job_name))
+
+    def remember_created(self, ns: str, job: dict[str, Any]) -> None:
+        with self.lock:
+            self.created_jobs[(ns, job["name"])] = job
+
+    def forget_created(self, ns: str, job_name: str) -> None:
+        with self.lock:
+            self.created_jobs.pop((ns, job_name), None)
+
+    def saw_job(self, ns: str, job_name: str, view: dict[str, Any] | None) -> None:
+        """A Job event: keep the last view of a finished Job, so its outcome survives its removal."""
+        if view is None:
+            return
+        with self.lock:
+            self.created_jobs.pop((ns, job_name), None)  # the watch shows it now
+            if job_finished(view):
+                self.finished_jobs[(ns, job_name)] = view
+
+    def wait_for(self, grid: Key, jobs: list[str]) -> None:
+        with self.lock:
+            for waiting in self.waiting.values():
+                waiting.discard(grid)
+            for job in jobs:
+                self.waiting.setdefault((grid[1], job), set()).add(grid)
+
+    def forget(self, key: Key) -> None:
+        with self.lock:
+            facts = self.facts.pop(key, None)
+            if facts is not None:
+                self.job_owner.pop((key[1], facts.job_name), None)
+                self.finished_jobs.pop((key[1], facts.job_name), None)
+                self.created_jobs.pop((key[1], facts.job_name), None)
+                self.replaced.pop((key[1], facts.job_name), None)
+            self.storage.pop(key, None)
+            self.written.pop(key, None)
+            self.last_write.pop(key, None)
+            self.final_sweeps.pop(key, None)
+            self.missing_since.pop(key, None)
+            self.dirty.discard(key)
+            for waiting in self.waiting.values():
+                waiting.discard(key)

@@ -1,0 +1,237 @@
+"""Writing status and Events: the only place that PATCHes a resource's status subresource.
+
+One task coalesces dirty resources every `status_batch_interval`, recomputes their status with the
+pure `status.compute_status()`, and writes only changes (a merge patch) plus an Event per
+transition, through a bounded thread pool. `write_record()` is the one synchronous write: the
+record of a Job, made durable before the Job is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tinv.api.models import API_VERSION
+
+from .builders import MANAGED_BY
+from .config import OperatorConfig
+from .kube import ApiError, Kube, path_for
+from .metrics import Metrics
+from .registry import Key, Registry, resource_version
+from .status import compute_status, merge_patch, new_checkpoints, short, transitions
+
+log = logging.getLogger("tinv.operator")
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class StatusWriter:
+    def __init__(self, config: OperatorConfig, kube: Kube | None, metrics: Metrics, registry: Registry):
+        self.config = config
+        self.kube = kube
+        self.metrics = metrics
+        self.reg = registry
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        # a smaller pool than kopf's handler pool, so a burst of creations is not slowed down by
+        # status writes (which coalesce while they wait)
+        self.api_pool = ThreadPoolExecutor(config.status_workers, thread_name_prefix="tinv-status")
+        # Events go out on their own small pool, after the status they describe: never ahead of it
+        self.event_pool = ThreadPoolExecutor(2, thread_name_prefix="tinv-events")
+        registry.on_mark = self.wake
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._wake = asyncio.Event()
+
+    def shutdown(self) -> None:
+        self.api_pool.shutdown(wait=False, cancel_futures=True)
+        self.event_pool.shutdown(wait=False, cancel_futures=False)
+
+    def wake(self) -> None:
+        loop, wake = self.loop, self._wake
+        if loop is None or wake is None:
+            return
+        try:
+            if _in_loop(loop):
+                wake.set()
+            else:
+                loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:
+            pass  # the loop is closed: shutting down
+
+    # ------------------------------------------------------------------ computing
+    def compute(self, key: Key, now: str | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        reg = self.reg
+        facts = reg.facts.get(key)
+        body = reg.resource(key)
+        if facts is None or body is None:
+            return None
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp") and facts.deleting is None:
+            return None  # the deletion handler says what happens (only resources with clean-up have one)
+        uid = meta.get("uid")
+        old = reg.status_of(key, body)
+        job = None if facts.invalid or facts.waiting or facts.blocked else reg.job(key[1], facts.job_name, uid)
+        pods = reg.pods(key[1], facts.job_name, uid) if job else []
+        new = compute_status(
+            kind=key[0], old=old, generation=meta.get("generation"), spec=body.get("spec") or {}, facts=facts,
+            job=job, pods=pods, storage=reg.storage.get(key), now=now or now_rfc3339(),
+        )
+        return body, old, new
+
+    # ------------------------------------------------------------------ writing
+    def write_record(self, key: Key, workload: dict[str, Any]) -> None:
+        """Synchronously merge `workload` into status.workload: the record of the Job, durable
+        before the Job exists (a restart then knows a Job was created and never makes another)."""
+        assert self.kube is not None
+        kind, ns, name = key
+        resp = self.kube.merge_patch(path_for(kind, ns, name, "status"), {"status": {"workload": workload}})
+        with self.reg.lock:
+            self.reg.written[key] = (resource_version(resp), resp.get("status") or {})
+
+    def write_status(self, key: Key, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        """PATCH the status subresource with the changes, then post an Event per transition."""
+        assert self.kube is not None
+        patch = merge_patch(old, new)
+        if not patch:
+            return
+        kind, ns, name = key
+        log.debug("status of %s %s/%s: %s", kind, ns, name, patch)
+        try:
+            resp = self.kube.merge_patch(path_for(kind, ns, name, "status"), {"status": patch})
+        except ApiError as err:
+            if err.not_found:
+                return
+            raise
+        with self.reg.lock:
+            self.reg.written[key] = (resource_version(resp), resp.get("status") or new)
+        self.metrics.status_updates.labels(kind).inc()
+        added = new_checkpoints(old, new)
+        if added:
+            self.metrics.checkpoints.labels(kind).inc(added)
+        meta = resp.get("metadata") or body.get("metadata") or {}
+        events = transitions(old, new)
+
+        def post_all() -> None:  # in order, one object's Events of one change together
+            for type_, reason, message in events:
+                self.post_event(kind, meta, type_, reason, message)
+
+        if events:
+            try:
+                self.event_pool.submit(post_all)
+            except RuntimeError:  # shutting down
+                post_all()
+
+    def post_event(self, kind: str, meta: dict[str, Any], type_: str, reason: str, message: str) -> bool:
+        """Post an Event on a resource; False when the apiserver refused it (e.g. its namespace is
+        terminating, where nothing new can be created)."""
+        assert self.kube is not None
+        ns = meta.get("namespace")
+        involved = {
+            "apiVersion": API_VERSION, "kind": kind, "name": meta.get("name"), "namespace": ns, "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        }
+        return self._event(ns, involved, type_, reason, message)
+
+    def post_operator_event(self, type_: str, reason: str, message: str) -> bool:
+        """An Event on the operator's own pod (`kubectl get events -n <operator namespace>`): where a
+        message goes when the resource's namespace no longer takes any (it is being deleted)."""
+        ns, pod = os.environ.get("POD_NAMESPACE"), os.environ.get("POD_NAME")
+        if not ns or not pod:
+            return False
+        return self._event(ns, {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": ns}, type_, reason, message)
+
+    def _event(self, ns: str | None, involved: dict[str, Any], type_: str, reason: str, message: str) -> bool:
+        assert self.kube is not None
+        ts = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{involved.get('name')}.", "namespace": ns},
+            "involvedObject": involved,
+            "type": type_,
+            "reason": reason,
+            "message": short(message, 1024),
+            "source": {"component": MANAGED_BY},
+            "reportingComponent": MANAGED_BY,
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": ts,
+            "lastTimestamp": ts,
+            "count": 1,
+        }
+        try:
+            self.kube.create(path_for("Event", ns), event)
+            self.metrics.events.labels(type_).inc()
+            return True
+        except ApiError as err:
+            log.warning("cannot post Event %s on %s %s/%s: %s", reason, involved.get("kind"), ns, involved.get("name"), err)
+            return False
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        assert self._wake is not None and self.loop is not None
+        loop, reg = self.loop, self.reg
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.config.status_batch_interval)  # coalesce a burst of events
+            if not reg.ready:
+                continue
+            soon = time.monotonic() - self.config.status_min_interval
+            with reg.lock:
+                batch = {k for k in reg.dirty - reg.inflight if reg.last_write.get(k, 0.0) <= soon}
+                reg.dirty -= batch
+                deferred = bool(reg.dirty - reg.inflight)
+            if deferred:
+                # written less than status_min_interval ago: coalesce further changes into one write
+                loop.call_later(self.config.status_min_interval, self._wake.set)
+            now = now_rfc3339()
+            for key in batch:
+                try:
+                    result = self.compute(key, now)
+                except Exception:  # noqa: BLE001 - one resource must not stop the others
+                    log.exception("computing the status of %s %s/%s failed", *key)
+                    continue
+                if result is None:
+                    continue
+                body, old, new = result
+                if merge_patch(old, new) is None:
+                    continue
+                with reg.lock:
+                    reg.inflight.add(key)
+                    reg.last_write[key] = time.monotonic()
+                fut = loop.run_in_executor(self.api_pool, self.write_status, key, body, old, new)
+                fut.add_done_callback(lambda f, key=key: self._written(key, f))
+
+    def _written(self, key: Key, fut: asyncio.Future) -> None:
+        with self.reg.lock:
+            self.reg.inflight.discard(key)
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is not None:
+            status = getattr(exc, "status", "exception")
+            self.metrics.reconcile_errors.labels(key[0], f"status-{status}").inc()
+            log.warning("writing the status of %s %s/%s failed: %s (retrying)", *key, exc)
+            if self.loop is not None:
+                self.loop.call_later(2.0, self.reg.mark, key)
+            return
+        with self.reg.lock:
+            pending = key in self.reg.dirty
+        if pending and self._wake is not None:
+            self._wake.set()

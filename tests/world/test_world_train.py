@@ -1,0 +1,60 @@
+"""The staged training command: a micro run (seconds) writes a diffusers folder that
+StableDiffusionPipeline and tinv's loader read, deterministically from its seed, and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinv.trainer.world import cli, weights
+
+MICRO_STEPS = "clip=3,vae=3,evaluator=3,unet=4"
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "run"
+    assert cli.main(["train", str(out), "--micro", "--seed", "3", "--steps", MICRO_STEPS]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_a_micro_run_writes_a_folder_stable_diffusion_loads(micro_run):
+    from diffusers import StableDiffusionPipeline
+
+    from tinv.trainer import models
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(micro_run / "model"), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red star on a black background", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+    b = models.load(str(micro_run / "model"))
+    assert b.vae_scale == 8 and b.prediction_type == "epsilon"
+    assert b.vae.config.scaling_factor != 1.0  # measured from the data by the VAE stage
+    m = json.loads((micro_run / "manifest.json").read_text())
+    assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4
+    assert "--steps clip=3,vae=3,evaluator=3,unet=4" in m["reproduce"]
+    assert set(m["versions"]) >= {"torch", "diffusers", "transformers"}
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_and_resumes(micro_run, tmp_path):
+    again = tmp_path / "again"
+    assert cli.main(["train", str(again), "--micro", "--seed", "3", "--steps", MICRO_STEPS]) == 0
+    assert weights.digests(again / "model") == weights.digests(micro_run / "model")
+    # A finished stage is not run again: only the removed UNet stage is.
+    (again / "stages" / "unet" / "done.json").unlink()
+    before = (again / "stages" / "vae" / "done.json").read_text()
+    assert cli.main(["train", str(again), "--micro", "--seed", "3", "--steps", MICRO_STEPS]) == 0
+    assert (again / "stages" / "vae" / "done.json").read_text() == before
+    assert weights.digests(again / "model") == weights.digests(micro_run / "model")
+
+
+@pytest.mark.slow
+def test_install_writes_a_manifest_the_check_accepts(micro_run, tmp_path):
+    dest = weights.install(micro_run, tmp_path / "weights")
+    assert weights.available(dest) and weights.mismatches(dest) == []
+    f = dest / "model" / "unet" / "config.json"
+    f.write_text(f.read_text() + " ")
+    assert weights.mismatches(dest) == ["model/unet/config.json: digest differs"]
