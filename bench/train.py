@@ -11,7 +11,9 @@ Prints one JSON line per result: {"name", "value", "unit", "config", "git_revisi
 FLOPs of one Textual Inversion sample (text encoders forward and backward, UNet forward and backward
 to its inputs, counted with torch's FlopCounterMode on the model itself) / the bf16 (GPU) or fp32
 (CPU) matmul rate measured in the same run (``train_matmul_peak_tflops``; the same useful FLOPs for
-both recipes, so the naive recipe's per-step VAE encodes count as waste).
+both recipes, so the naive recipe's per-step VAE encodes count as waste). Counted this way (meta
+device, batch 1): SD 1.5 at 512 px 1.70 TFLOP/sample (REFERENCE.md's 803 + 866 + 26 GFLOP), SDXL at
+1024 px 14.5 TFLOP/sample.
 
 - tinv: the real trainer (`tinv.trainer.train.train`) on a generated job: latents cached once
   (both flips), bf16 autocast + bf16 frozen weights on GPUs (fp32 on CPU), SDPA attention, only
@@ -31,6 +33,7 @@ runs in its own process so peak memory is its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -88,11 +91,13 @@ def flops_per_sample(bundle, res: int, device, dtype) -> float:
     vocab = tokens.ConceptVocab(bundle.tokenizer, [("det-logo", "brain logo, sharp lines", None)])
     for s in bundle.text:
         vocab.fit_table(s.encoder.get_input_embeddings().num_embeddings)
-    init = torch.cat([tokens.initial_vectors(vocab, s.encoder.get_input_embeddings().weight) for s in bundle.text], 1)
-    new = tokens.install_all([s.encoder for s in bundle.text], init.to(device), offset=vocab.base_size)
+    for m in (bundle.unet, *(s.encoder for s in bundle.text)):
+        m.requires_grad_(False)  # frozen, as in training: no weight gradients
+    init = torch.zeros(vocab.num_new, sum(bundle.widths), device=device)  # values do not change the count
+    new = tokens.install_all([s.encoder for s in bundle.text], init, offset=vocab.base_size)
     x = torch.randn(1, bundle.unet.config.in_channels, res // bundle.vae_scale, res // bundle.vae_scale, device=device, dtype=dtype)
     t = torch.tensor([500], device=device)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with FlopCounterMode(display=False) as fc, ctx:
         hidden, pooled = bundle.encode(vocab, ["a photo of a det-logo"])
         kw = {}
@@ -327,7 +332,7 @@ def main() -> int:
     if len(results) == 2:
         sp = results["tinv"]["samples_per_second"] / results["naive"]["samples_per_second"]
         out.emit("speedup", sp, "x", {"model": args.model, "tinv_batch": args.batch, "accumulation": args.accum,
-                                      "versus": "naive (diffusers textual_inversion.py recipe)"}, digits=2)
+                                      "versus": "naive (diffusers " + ("textual_inversion_sdxl.py" if "xl" in args.model else "textual_inversion.py") + " recipe)"}, digits=2)
     out.close()
     return 0
 
