@@ -74,6 +74,15 @@ class ModelSource(Model):
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding a Hugging Face token for gated models; default: no token."
     )
+    vae: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "A VAE to use instead of the model's: a Hugging Face id or a diffusers AutoencoderKL folder (s3://, pvc:// or a "
+            "local path), e.g. 'madebyollin/sdxl-vae-fp16-fix' so that SDXL's VAE runs in fp16 when rendering; default: the "
+            "model's own (SDXL's stock VAE then decodes in fp32 under fp16). Training always encodes its cached latents in fp32."
+        ),
+    )
     cache_claim: str | None = Field(
         default=None,
         max_length=253,

@@ -119,7 +119,8 @@ def manifest(*, job, model_source: str, loss: float | None, vocab, total_steps: 
         "tokens": {c.token: c.vectors for c in vocab.concepts},
         "hyperparameters": spec.training.model_dump(mode="json", by_alias=True),
         "total_steps": total_steps,
-        "model": {"source": model_source, "revision": spec.model.revision, "variant": spec.model.variant},
+        "model": {"source": model_source, "revision": spec.model.revision, "variant": spec.model.variant,
+                  **({"vae": spec.model.vae} if spec.model.vae else {})},
         "concepts": [
             {"token": c.token, "vectors": c.vectors, "initializer": c.initializer, "property": sc.property}
             for c, sc in zip(vocab.concepts, spec.concepts)

@@ -426,15 +426,16 @@ def load_engine(
     compile: bool = False,
     optimize: bool | None = None,
     vae_batch: int | None = None,
+    vae: str | None = None,
 ) -> Engine:
-    """Load the base model (any spec.model.source form) and the concepts; build an engine."""
+    """Load the base model (any spec.model.source form; `vae`: spec.model.vae) and the concepts; build an engine."""
     store = store or api_storage.Store()
     loaded = concepts_mod.load_all(refs, store=store, storage_uri=storage_uri, namespace=namespace)
-    bundle = models.load(model, revision=revision, variant=variant, token=hf_token(), store=store)
+    bundle = models.load(model, revision=revision, variant=variant, token=hf_token(), store=store, vae=vae)
     source = model
     if "://" not in model and not model.startswith("builtin:") and Path(model).exists():
         source = str(Path(model).resolve())
-    info = {"source": source, "revision": revision, "variant": variant}
+    info = {"source": source, "revision": revision, "variant": variant, **({"vae": vae} if vae else {})}
     return Engine(bundle, loaded, device=device, precision=precision, compile=compile, optimize=optimize,
                   vae_batch=vae_batch, model_info=info)
 
@@ -460,7 +461,7 @@ def reproduce(meta: dict, *, engine: Engine | None = None, device: str | None = 
         engine = load_engine(
             m["source"], _group_refs(refs), revision=m.get("revision"), variant=m.get("variant"), device=device,
             precision=meta.get("precision", "auto"), store=store, compile=bool(b.get("compiled")) and not single,
-            optimize=b.get("optimized"), vae_batch=b.get("vae_batch"),
+            optimize=b.get("optimized"), vae_batch=b.get("vae_batch"), vae=m.get("vae"),
         )
     want = {e["token"]: e.get("sha256") for e in meta.get("embeddings", [])}
     have = {c.token: c.sha256 for c in engine.concepts}

@@ -375,6 +375,56 @@ def load(
     variant: str | None = None,
     token: str | None = None,
     store: storage.Store | None = None,
+    vae: str | None = None,
 ) -> ModelBundle:
-    """Load a model bundle from any supported source (see the module doc)."""
-    return locate(source, revision, variant, token, store).load()
+    """Load a model bundle from any supported source (see the module doc); `vae`: spec.model.vae."""
+    bundle = locate(source, revision, variant, token, store).load()
+    swap_vae(bundle, vae, token, store)
+    return bundle
+
+
+def swap_vae(bundle: ModelBundle, source: str | None, token: str | None = None, store: storage.Store | None = None) -> None:
+    """Replace the bundle's VAE by spec.model.vae (a hub id or a diffusers AutoencoderKL folder, or a
+    pipeline folder holding vae/), e.g. an fp16-safe SDXL VAE; nothing when `source` is None."""
+    if not source:
+        return
+    from diffusers import AutoencoderKL
+
+    if storage.is_s3(source):
+        path = fetch_s3_folder(source, store)
+    elif is_hub_id(source):
+        from huggingface_hub import snapshot_download
+
+        cache = os.environ.get("HF_HUB_CACHE") or str(storage.cache_dir() / "hf")
+        allow = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+        try:
+            path = Path(snapshot_download(repo_id=source, cache_dir=cache, allow_patterns=allow, token=token, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: download (fails fast when the hub is unreachable)
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+                raise UnavailableError(f"model.vae {source!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set")
+            probe_hub()
+            try:
+                path = Path(snapshot_download(repo_id=source, cache_dir=cache, allow_patterns=allow, token=token))
+            except Exception as e:
+                raise UnavailableError(f"downloading model.vae {source!r} from the hub failed ({type(e).__name__}: {e})") from e
+    else:
+        try:
+            path = storage.local_path(source)
+        except (ValueError, storage.StorageError) as e:
+            raise ModelError(f"model.vae: {e}") from e
+        if path is None or not Path(path).exists():
+            raise ModelError(f"model.vae folder {source} does not exist")
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.vae {source}: not a diffusers AutoencoderKL folder ({e})") from e
+    if vae.config.latent_channels != bundle.vae.config.latent_channels:
+        raise ModelError(f"model.vae {source} has {vae.config.latent_channels} latent channels; the model's VAE has "
+                         f"{bundle.vae.config.latent_channels}: it is a VAE for another model family")
+    vae.eval()
+    vae.requires_grad_(False)
+    bundle.vae = vae
+    log.info("VAE from %s (force_upcast %s)", source, bool(getattr(vae.config, "force_upcast", False)))

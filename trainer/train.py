@@ -331,6 +331,7 @@ def load_frozen(job, opts: Options, run: Run, model: models.ModelBundle | None):
         vocab = tokens.ConceptVocab(located.tokenizer(), concepts, training=True)  # refuses bad tokens before the weights load
         bundle = located.load()
         vocab.tokenizer = bundle.tokenizer  # the same files; keep the bundle's object
+    models.swap_vae(bundle, spec.model.vae, runtime.hf_token(), run.store)  # e.g. an fp16-safe SDXL VAE
     for s in bundle.text:  # placeholder ids start past every encoder's table
         vocab.fit_table(s.encoder.get_input_embeddings().num_embeddings)
     return bundle, vocab

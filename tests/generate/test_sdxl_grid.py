@@ -121,3 +121,34 @@ def test_an_sd_embedding_on_sdxl_and_an_sdxl_embedding_on_sd_are_refused(xl_file
     grid.spec.embeddings[0].uri = str(concept_file)
     with pytest.raises(ConfigError, match="SDXL"):
         G.run_grid(grid, G.GridOptions(progress_bar=False, tensorboard=False))
+
+
+@pytest.fixture(scope="session")
+def fp16_safe_vae(tmp_path_factory) -> Path:
+    """A VAE folder whose config says it is fp16-safe (force_upcast false), with other weights than tiny-xl's."""
+    from tinv.trainer import sdxl
+
+    vae = sdxl.build_tiny_xl(seed=5)["vae"]
+    vae.register_to_config(force_upcast=False)
+    d = tmp_path_factory.mktemp("vae") / "sdxl-vae-fp16-fix"
+    vae.save_pretrained(str(d))
+    return d
+
+
+def test_model_vae_replaces_the_vae_and_decides_the_decode_precision(xl_file, fp16_safe_vae):
+    from tinv.trainer.grid import Request
+
+    q = Request(prompt=f"a {TOK}", negative_prompt="", seed=1, guidance_scale=3.0, steps=2, scheduler="ddim", width=64, height=64)
+    stock = E.load_engine("builtin:tiny-xl", [str(xl_file)], device="cpu", precision="fp32")
+    swapped = E.load_engine("builtin:tiny-xl", [str(xl_file)], device="cpu", precision="fp32", vae=str(fp16_safe_vae))
+    a, b = stock.render([q])[0], swapped.render([q])[0]
+    assert not np.array_equal(a.pixels, b.pixels)  # the other VAE decoded
+    meta = swapped.metadata(b)
+    assert meta["model"]["vae"] == str(fp16_safe_vae) and "vae" not in stock.metadata(a)["model"]
+    again, _ = E.reproduce(meta)  # the metadata names the VAE: reproduce loads it
+    assert np.array_equal(again, b.pixels)
+    # fp16: SDXL's stock VAE (force_upcast) decodes in fp32; the fp16-safe one in fp16
+    assert E.Engine(stock.bundle, [], device="cpu", precision=torch.float16).vae_dtype == torch.float32
+    assert E.Engine(swapped.bundle, [], device="cpu", precision=torch.float16).vae_dtype == torch.float16
+    with pytest.raises(Exception, match="model.vae"):
+        E.load_engine("builtin:tiny-xl", [], device="cpu", precision="fp32", vae=str(fp16_safe_vae.parent / "missing"))

@@ -202,3 +202,17 @@ def test_validation_images_render_sdxl_during_training(make_job):
     assert ea.Tags()["images"] == ["validation/0"]
     (img,) = ea.Images("validation/0")
     assert (img.step, img.width, img.height) == (2, 64, 64)
+
+
+def test_model_vae_is_used_for_the_latents_and_recorded(make_job, tmp_path):
+    from tinv.trainer import sdxl
+
+    vae = sdxl.build_tiny_xl(seed=5)["vae"]
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    bundle = models.load("builtin:tiny-xl")
+    job = make_job(model={"source": "builtin:tiny-xl", "vae": str(tmp_path / "vae")}, training={"steps": 1, "checkpointEvery": 1})
+    res = train(job, Options(validation=False), model=bundle)
+    assert res.exit_code == 0 and bundle.vae.config.force_upcast is False
+    (ck,) = ckpt_dirs(res.run_uri)
+    assert json.loads((ck / "manifest.json").read_text())["model"]["vae"] == str(tmp_path / "vae")
