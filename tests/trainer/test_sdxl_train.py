@@ -216,3 +216,37 @@ def test_model_vae_is_used_for_the_latents_and_recorded(make_job, tmp_path):
     assert res.exit_code == 0 and bundle.vae.config.force_upcast is False
     (ck,) = ckpt_dirs(res.run_uri)
     assert json.loads((ck / "manifest.json").read_text())["model"]["vae"] == str(tmp_path / "vae")
+
+
+def test_sdxl_two_gloo_processes_match_one_process_through_the_cli(job_yaml, tmp_path):
+    """`tinv train` on builtin:tiny-xl: one process 2 x 2 per step == two torchrun ranks 1 x 2 each."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tinv.trainer.formats import read_embeddings
+
+    kw = dict(model={"source": "builtin:tiny-xl"})
+    one = job_yaml("one.yaml", storage=str(tmp_path / "one"), training={"steps": 4, "batchSize": 2, "gradientAccumulation": 2, "checkpointEvery": 4}, **kw)
+    two = job_yaml("two.yaml", storage=str(tmp_path / "two"), training={"steps": 4, "batchSize": 1, "gradientAccumulation": 2, "checkpointEvery": 4}, **kw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r1 = subprocess.run([sys.executable, "-m", "tinv.trainer", "train", str(one), "--no-progress", "--device", "cpu"],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                         "--master-port", str(port), "-m", "tinv.trainer", "train", str(two), "--no-progress", "--device", "cpu"],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+
+    def final(root):
+        (ck,) = [p.parent for p in Path(root).glob("*/*/checkpoints/*/manifest.json")]
+        return read_embeddings(str(ck))["det-logo"], json.loads((ck / "manifest.json").read_text())
+
+    (a, ma), (b, mb) = final(tmp_path / "one"), final(tmp_path / "two")
+    assert ma["family"] == mb["family"] == "sdxl" and mb["world_size"] == 2
+    for key in ("clip_l", "clip_g"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
