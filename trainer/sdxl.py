@@ -47,13 +47,13 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelError
+from .tiny import TINY_RESOLUTION  # builtin:tiny-xl trains at builtin:tiny's size (8x8 latents)
 
 FAMILY = "sdxl"
 NATIVE_RESOLUTION = 1024
 COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")
 FORMAT_KEYS = ("clip_l", "clip_g")  # file keys of text_encoder / text_encoder_2
 DIFFUSERS_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
-TINY_RESOLUTION = 64
 
 
 # ---------------------------------------------------------------------------- recognising and loading
