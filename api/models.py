@@ -434,8 +434,12 @@ TOKEN_RULES = (
     Rule("!self.contains('<|') && !self.contains('|>')", "token must not look like a special token of the tokenizer (<|startoftext|>, <|endoftext|>)"),
     Rule("!self.contains('{}')", "token must not contain '{}' (that is the template slot)"),
 )
-# The first concept whose token is part of another's (for the contained-token message).
-_CONTAINED = "self.filter(a, self.exists(b, a.token != b.token && b.token.contains(a.token)))[0]"
+# For the contained-token message: the first token that is part of another concept's token, and
+# the first token containing it. Over the list of tokens, not of concepts: the apiserver estimates
+# a filter over whole concept objects (templates included) far over its CEL cost budget.
+_TOKENS = "self.map(a, a.token)"
+_CONTAINED = _TOKENS + ".filter(t, " + _TOKENS + ".exists(u, u != t && u.contains(t)))[0]"
+_CONTAINER = _TOKENS + ".filter(u, u != " + _CONTAINED + " && u.contains(" + _CONTAINED + "))[0]"
 
 
 class Concept(Model):
@@ -617,9 +621,8 @@ class TextualInversionJobSpec(Model):
                 "self.all(a, self.all(b, a.token == b.token || !b.token.contains(a.token)))",
                 "no concept token may contain another (e.g. 'det-logo' and 'det-logo-demo'): prompts could not tell them apart",
                 message_expression=(
-                    "'no concept token may contain another: \\'' + "
-                    "self.filter(b, b.token != " + _CONTAINED + ".token && b.token.contains(" + _CONTAINED + ".token))[0].token"
-                    " + '\\' contains \\'' + " + _CONTAINED + ".token + '\\', so prompts could not tell them apart; rename one of them'"
+                    "'no concept token may contain another: \\'' + " + _CONTAINER + " + '\\' contains \\'' + " + _CONTAINED
+                    + " + '\\', so prompts could not tell them apart; rename one of them'"
                 ),
             ),
         ),

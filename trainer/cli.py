@@ -81,7 +81,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="override spec.storage.uri")
     p.add_argument("--steps", type=int, help="override spec.training.steps")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--micro-batch", type=int, help="samples per forward pass (default: a whole step's local samples, halved on OOM)")
+    p.add_argument("--micro-batch", type=int, default=int(os.environ.get("TINV_MICRO_BATCH", "0")) or None,
+                   help="samples per forward pass (env TINV_MICRO_BATCH; default: a whole step's local samples, halved on OOM)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TINV_METRICS_PORT", "0")) or None,
                    help="serve Prometheus /metrics on this port (env TINV_METRICS_PORT)")
     p.add_argument("--termination-message-path", help="JSON summary written at exit (default: /dev/termination-log when present)")

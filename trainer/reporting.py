@@ -50,6 +50,7 @@ import numpy as np
 from . import storage
 from .checkpoint import CheckpointRef
 from .runtime import now
+from .runtime import termination_path, write_termination_message  # noqa: F401 - trainer/launch.py imports them from here
 
 log = logging.getLogger("tinv.trainer")
 

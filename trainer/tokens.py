@@ -122,6 +122,8 @@ class ConceptVocab:
             raise ConfigError(f"concept token {token!r} must not contain '{{}}' (that is the template slot)")
         if not re.search(r"\w", token):
             raise ConfigError(f"concept token {token!r} needs at least one letter or digit")
+        if self.training and ("/" in token or "\\" in token):
+            raise ConfigError(f"concept token {token!r} must not contain '/' or '\\' (it names the embedding files)")
         if self.training and token != token.lower():
             raise ConfigError(
                 f"concept token {token!r} must be lower case: CLIP lower-cases prompts, and diffusers' load_textual_inversion "

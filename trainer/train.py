@@ -63,7 +63,9 @@ class Options:
     model: str | None = None  # overrides spec.model.source
     storage: str | None = None  # overrides spec.storage.uri
     steps: int | None = None  # overrides training.steps
-    micro_batch: int | None = None  # samples per forward pass; default: all local samples of a step
+    micro_batch: int | None = None  # samples per forward pass; default: all local samples of a step (halved on OOM)
+    # one matmul for q/k/v; default $TINV_FUSE_QKV, else on for CUDA
+    fuse_qkv: bool | None = field(default_factory=lambda: {"1": True, "0": False}.get(os.environ.get("TINV_FUSE_QKV", "")))
     metrics_port: int | None = None
     termination_path: str | None = None
     auto_resume: bool = True  # continue from this run's own newest checkpoint (operator retries)
@@ -136,7 +138,8 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         g = torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS))
         init = torch.cat([tokens.initial_vectors(vocab, s.encoder.get_input_embeddings().weight, g) for s in bundle.text], 1)
         restored = checkpoint.restore(start, vocab, init, family=bundle.family, widths=bundle.widths)
-        latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0)
+        latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0,
+                               fuse_qkv=run.device.type == "cuda" if opts.fuse_qkv is None else opts.fuse_qkv)
         new = tokens.install_all([s.encoder for s in bundle.text], restored.vectors.to(run.device), offset=vocab.base_size)
         # THE trainable tensor (SDXL: shared by both encoders' token layers)
         assert all([p for p in s.encoder.parameters() if p.requires_grad] == [new] for s in bundle.text)
@@ -164,7 +167,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         )
         # The vocabulary's mean token norm, per encoder (norm regularisation pulls each block towards its own).
         mean_norms = [s.encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean().item() for s in bundle.text]
-        micro = max(1, min(local, opts.micro_batch or int(os.environ.get("TINV_MICRO_BATCH", "0")) or local))
+        micro = max(1, min(local, opts.micro_batch or local))
         reporter = Reporter(enabled=run.dist.leader, store=run.store, run=run.uri, total_steps=run.total, world_size=run.dist.world,
                             job_meta=run.meta, log_every=T.log_every, metrics_port=opts.metrics_port, progress_bar=opts.progress_bar)
         reporter.global_batch = G
@@ -337,7 +340,7 @@ def load_frozen(job, opts: Options, run: Run, model: models.ModelBundle | None):
     return bundle, vocab
 
 
-def place_frozen(bundle: models.ModelBundle, ds: data.Dataset, run: Run, *, flips: bool) -> objective.LatentCache:
+def place_frozen(bundle: models.ModelBundle, ds: data.Dataset, run: Run, *, flips: bool, fuse_qkv: bool) -> objective.LatentCache:
     """Freeze the model, cache the images' latents (VAE in fp32), then move everything to the
     compute dtype with the fast kernels of the device."""
     encoders = [s.encoder for s in bundle.text]
@@ -356,7 +359,7 @@ def place_frozen(bundle: models.ModelBundle, ds: data.Dataset, run: Run, *, flip
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     bundle.unet.set_attn_processor(AttnProcessor2_0())
-    if os.environ.get("TINV_FUSE_QKV", "1" if run.device.type == "cuda" else "0") == "1":
+    if fuse_qkv:
         # One matmul for q/k/v (self-attention) and k/v (cross-attention): fewer, larger GEMMs.
         try:
             bundle.unet.fuse_qkv_projections()

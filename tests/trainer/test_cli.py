@@ -78,6 +78,8 @@ def test_sigterm_checkpoints_then_exits_retryable(job_yaml, tmp_path):
     assert p.returncode == 75, err
     msg = json.loads(term.read_text())
     assert msg["exit_code"] == 75 and msg["latest_checkpoint"] is not None
+    last = err.strip().splitlines()[-1]  # one line saying what was saved
+    assert "preempted" in last and msg["latest_checkpoint"]["uuid"] in last and "saved" in last, last
     step = msg["step"]
     assert msg["latest_checkpoint"]["step"] == step >= 3
     state = torch.load(Path(msg["latest_checkpoint"]["uri"]) / "optimizer.pt", weights_only=True)
