@@ -250,3 +250,18 @@ def test_sdxl_two_gloo_processes_match_one_process_through_the_cli(job_yaml, tmp
     assert ma["family"] == mb["family"] == "sdxl" and mb["world_size"] == 2
     for key in ("clip_l", "clip_g"):
         assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+
+
+def test_an_sdxl_hugging_face_id_is_recognised_from_the_cached_snapshot(tmp_path, monkeypatch):
+    """`model.source: org/name` of an SDXL repository: the hub snapshot (here pre-filled in the cache, offline)
+    is recognised as SDXL from its components and loads both encoders."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--tinv-test--tiny-xl"
+    sdxl.save(repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no ./tinv-test/tiny-xl folder shadows the id
+    b = models.load("tinv-test/tiny-xl")
+    assert b.family == "sdxl" and b.widths == [32, 48] and b.path.endswith(rev)
