@@ -58,10 +58,11 @@ class ModelSource(Model):
         min_length=1,
         max_length=1024,
         description=(
-            "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5', a diffusers folder at "
-            "s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
-            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random'), or 'builtin:shapes' for the small model tinv "
-            "trained on its shapes world; required."
+            "The base model: a Hugging Face id such as 'runwayml/stable-diffusion-v1-5' or "
+            "'stabilityai/stable-diffusion-xl-base-1.0', a diffusers folder (SD 1.x, 2.x or SDXL, recognised from its "
+            "components) at s3://bucket/prefix, pvc://claim/path or a local path, or 'builtin:tiny' for the tiny random-weight "
+            "model built in code (also 'builtin:tiny-v', 'builtin:sd15-random', and the SDXL ones 'builtin:tiny-xl', "
+            "'builtin:sdxl-random'), or 'builtin:shapes' for the small model tinv trained on its shapes world; required."
         ),
     )
     revision: str | None = Field(
@@ -73,6 +74,15 @@ class ModelSource(Model):
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding a Hugging Face token for gated models; default: no token."
     )
+    vae: str | None = Field(
+        default=None,
+        max_length=1024,
+        description=(
+            "A VAE to use instead of the model's: a Hugging Face id or a diffusers AutoencoderKL folder (s3://, pvc:// or a "
+            "local path), e.g. 'madebyollin/sdxl-vae-fp16-fix' so that SDXL's VAE runs in fp16 when rendering; default: the "
+            "model's own (SDXL's stock VAE then decodes in fp32 under fp16). Training always encodes its cached latents in fp32."
+        ),
+    )
     cache_claim: str | None = Field(
         default=None,
         max_length=253,
@@ -82,9 +92,9 @@ class ModelSource(Model):
 
     __cel__ = (
         Rule(
-            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:((tiny|tiny-v|sd15-random)([?]seed=[0-9]+)?|shapes)$') : true",
-            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction) and 'builtin:sd15-random' (benchmarks), optionally with '?seed=N',"
-            " and 'builtin:shapes' (the trained shapes model)",
+            "self.source.startsWith('builtin:') ? self.source.matches('^builtin:((tiny|tiny-v|sd15-random|tiny-xl|sdxl-random)([?]seed=[0-9]+)?|shapes)$') : true",
+            "builtin models are 'builtin:tiny', 'builtin:tiny-v' (v-prediction), 'builtin:sd15-random' (benchmarks), the SDXL ones"
+            " 'builtin:tiny-xl' and 'builtin:sdxl-random' (benchmarks), optionally with '?seed=N', and 'builtin:shapes' (the trained shapes model)",
             field_path=".source",
         ),
     )
@@ -542,11 +552,11 @@ class Training(Model):
         description="Learning-rate schedule, as diffusers' get_scheduler names it (constant ignores lrWarmupSteps); default constant.",
     )
     lr_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps from 0 (constant_with_warmup, linear, cosine); default 0.")
-    resolution: int = Field(
-        default=512,
+    resolution: int | None = Field(
+        default=None,
         ge=64,
         le=2048,
-        description="Training image size in pixels (img_size); default 512.",
+        description="Training image size in pixels (img_size); default 512, and the native size (1024) for SDXL models.",
         json_schema_extra=cel(Rule("self % 8 == 0", "resolution must be a multiple of 8")),
     )
     interpolation: Literal["bicubic", "bilinear", "lanczos", "nearest"] = Field(

@@ -24,7 +24,9 @@ Timing: each configuration renders ``--warmup`` batches untimed (compilation, cu
 at least ``--images`` images (and at least two batches); CUDA is synchronised by the copy of the
 pixels to the host. Models: ``sd15`` = Stable Diffusion 1.5's architecture with random weights built
 in code (builtin:sd15-random; the same FLOPs as the real weights, no download) or any model source
-(a diffusers folder, a Hugging Face id in the cache); ``tiny`` = builtin:tiny.
+(a diffusers folder, a Hugging Face id in the cache); ``tiny`` = builtin:tiny; ``sdxl`` = SDXL base's
+architecture with random weights (builtin:sdxl-random, 1024 px; the baseline is StableDiffusionXLPipeline)
+and ``tiny-xl`` = builtin:tiny-xl.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from common import RESULTS_DIR, Results  # noqa: E402
 
 
 def model_source(model: str) -> str:
-    return {"tiny": "builtin:tiny", "sd15": "builtin:sd15-random"}.get(model, model)
+    return {"tiny": "builtin:tiny", "sd15": "builtin:sd15-random", "tiny-xl": "builtin:tiny-xl", "sdxl": "builtin:sdxl-random"}.get(model, model)
 
 
 def prompts(n: int) -> list[str]:
@@ -158,8 +160,9 @@ def bench_grid(args, bs: int, compile_: bool) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--model", default="sd15", help="tiny, sd15 (SD 1.5 architecture, random weights) or a model source")
-    p.add_argument("--size", type=int, default=None, help="image size in px (default: 512; 64 for tiny)")
+    p.add_argument("--model", default="sd15", help="tiny, sd15 (SD 1.5 architecture, random weights), tiny-xl, sdxl (SDXL base "
+                   "architecture, random weights; the baseline is StableDiffusionXLPipeline) or a model source")
+    p.add_argument("--size", type=int, default=None, help="image size in px (default: 512; 64 for tiny and tiny-xl; 1024 for sdxl)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--scheduler", default="dpm-solver++")
     p.add_argument("--guidance", type=float, default=7.5)
@@ -182,7 +185,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = args.device.startswith("cuda")
-    args.size = args.size or (64 if args.model == "tiny" else 512)
+    args.size = args.size or {"tiny": 64, "tiny-xl": 64, "sdxl": 1024}.get(args.model, 512)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.compile = args.compile or ("both" if cuda else "off")
     args.images = args.images or (64 if cuda else 16)
@@ -201,9 +204,10 @@ def main() -> int:
         results.emit(name, value, unit, {**base_cfg, **cfg}, torch=torch.__version__)
 
     bundle = models.load(model_source(args.model))
-    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+    for m in (bundle.unet, bundle.vae, *(s.encoder for s in bundle.text)):  # SDXL: both text encoders
         m.to(args.device, dtype)
     baseline: dict[int, dict] = {}
+    pipe_name = "StableDiffusionXLPipeline" if bundle.family == "sdxl" else "StableDiffusionPipeline"
     if not args.no_baseline:
         for bs in sizes:
             r = bench_diffusers(bundle, args, bs, dtype)
@@ -221,10 +225,10 @@ def main() -> int:
             emit("generate_batch_latency_seconds", r["batch_latency"], "s", impl="tinv", batch_size=bs, compile=comp)
             if bs in baseline:
                 emit("generate_speedup_vs_diffusers", r["images_per_second"] / baseline[bs]["images_per_second"], "x",
-                     impl="tinv", batch_size=bs, compile=comp, versus=f"diffusers StableDiffusionPipeline, batch {bs}")
+                     impl="tinv", batch_size=bs, compile=comp, versus=f"diffusers {pipe_name}, batch {bs}")
             if 1 in baseline and bs != 1:
                 emit("generate_speedup_vs_diffusers", r["images_per_second"] / baseline[1]["images_per_second"], "x",
-                     impl="tinv", batch_size=bs, compile=comp, versus="diffusers StableDiffusionPipeline, batch 1")
+                     impl="tinv", batch_size=bs, compile=comp, versus=f"diffusers {pipe_name}, batch 1")
     if args.grid:
         bs = max(sizes)
         comp = compiles[-1]

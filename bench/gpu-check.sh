@@ -9,6 +9,9 @@
 #   2. smoke train      `tinv train` on builtin:sd15-random at 512 px in bf16       -> OUT/smoke.jsonl, OUT/smoke-run/
 #   3. training bench   bench/train.py --recipe both (tinv vs the naive recipe)     -> OUT/train.jsonl
 #   4. generation bench bench/generate.py --grid (tinv vs plain diffusers)          -> OUT/generate.jsonl
+#   5. SDXL train bench bench/train.py --model sdxl (builtin:sdxl-random, 1024 px, both encoders;
+#                       tinv vs diffusers' textual_inversion_sdxl.py recipe; MFU)  -> OUT/train-sdxl.jsonl
+# The step limits add up to 8 minutes (480 s) on the GPU.
 # and a table of the headline figures, printed last. Everything is also in OUT/gpu-check.log.
 #
 # The GPU machine has PyTorch but not diffusers, pydantic or cel-python, and reaches no registry:
@@ -44,14 +47,16 @@ fi
 
 if [ "$MODE" = gpu ]; then
   DEVICE=cuda MODEL=sd15 SOURCE=builtin:sd15-random RES=512 PREC=bf16 BATCH=8 STEPS=30
-  LIMIT_SMOKE=150 LIMIT_TRAIN=150 LIMIT_GEN=150
+  LIMIT_SMOKE=90 LIMIT_TRAIN=110 LIMIT_GEN=120 LIMIT_XL=100
   TRAIN_ARGS=(--batch 8 --accum 4)
   GEN_ARGS=(--grid)
+  XL_MODEL=sdxl XL_ARGS=(--batch 4 --accum 1 --steps 8)
 else
   DEVICE=cpu MODEL=tiny SOURCE=builtin:tiny RES=64 PREC=no BATCH=2 STEPS=6
-  LIMIT_SMOKE=180 LIMIT_TRAIN=240 LIMIT_GEN=240
+  LIMIT_SMOKE=180 LIMIT_TRAIN=240 LIMIT_GEN=240 LIMIT_XL=240
   TRAIN_ARGS=(--steps 5 --threads 1)
   GEN_ARGS=(--batch-sizes 1,4 --images 4 --compile off --threads 1 --grid)
+  XL_MODEL=tiny-xl XL_ARGS=(--steps 5 --threads 1)
 fi
 
 # Run one step under a time limit; its stdout's JSON lines go to OUT/<name>.jsonl, the rest to the log.
@@ -131,6 +136,8 @@ EOF
 # 3 and 4. The benchmarks, side by side with their baselines in the same run.
 step train "$LIMIT_TRAIN" "$PY" bench/train.py --device "$DEVICE" --model "$MODEL" --recipe both "${TRAIN_ARGS[@]}"
 step generate "$LIMIT_GEN" "$PY" bench/generate.py --device "$DEVICE" --model "$MODEL" "${GEN_ARGS[@]}"
+# 5. SDXL (issue 16): its architecture at 1024 px on the GPU (builtin:tiny-xl at 64 px with --cpu).
+step train-sdxl "$LIMIT_XL" "$PY" bench/train.py --device "$DEVICE" --model "$XL_MODEL" --recipe both "${XL_ARGS[@]}"
 
 # The headline figures, last (the device tool returns the end of the output).
 "$PY" - "$OUT" <<'EOF' | tee -a "$LOG"
@@ -142,7 +149,7 @@ def rows(name):
 print("gpu-check summary (" + str(out) + ")")
 for r in rows("steps"):
     print(f"  step {r['step']:<12} exit {r['exit']:>3}  {r['seconds']:>4}s")
-for kind in ("smoke", "train", "generate"):
+for kind in ("smoke", "train", "generate", "train-sdxl"):
     for r in rows(kind):
         if "value" in r:
             c = r.get("config", {})

@@ -13,7 +13,8 @@ A checkpoint is the folder ``<run>/checkpoints/<uuid>/``:
                                           #   are pure functions of (seed, sample index)
        "global_batch": int,               # batch x accumulation x world size
        "tokens": [str], "vectors": [int], # concept layout of the rows below
-       "embeddings": {"text_encoder": Tensor[rows, width]},   # exact fp32 parameter
+       "embeddings": {"text_encoder": Tensor[rows, width]},   # exact fp32 parameter; SDXL adds
+                                          #   "text_encoder_2" (its column block, 1280 wide)
        "optimizer": torch optimizer state_dict,
        "scaler": GradScaler state_dict | None,
        "loss_history": [float]}           # recent step losses (smoothed loss continues)
@@ -27,6 +28,7 @@ A checkpoint is the folder ``<run>/checkpoints/<uuid>/``:
        "format": "tinv.checkpoint/v1", "uri", "total_steps", "model": {"source","revision","variant"},
        "concepts": [{"token","vectors","initializer","property"}], "effective_batch_size",
        "learning_rate", "world_size", "embedding_width", "resumed_from", "file_sizes": {name: bytes},
+       "family": "sd" | "sdxl", "embedding_widths": {"clip_l": 768, "clip_g": 1280} (SDXL),
        "trainer": {"version"}, "determined": {"initializer_strs": {token: str}}}
 
 Where a run starts (:func:`find_start`): this run's own newest complete checkpoint (a retried pod
@@ -84,8 +86,14 @@ class CheckpointRef:
 # ---------------------------------------------------------------------------- what a checkpoint holds
 
 
-def training_state(*, step: int, global_batch: int, seed: int, vocab, weights: torch.Tensor, optimizer, scaler, loss_history: list[float]) -> dict:
-    """optimizer.pt: everything an exact continuation needs (see the module doc)."""
+ENCODERS = ("text_encoder", "text_encoder_2")  # optimizer.pt's embedding keys, in column order
+
+
+def training_state(*, step: int, global_batch: int, seed: int, vocab, weights: torch.Tensor, optimizer, scaler, loss_history: list[float],
+                   widths: list[int] | None = None) -> dict:
+    """optimizer.pt: everything an exact continuation needs (see the module doc). `widths`: each
+    text encoder's block of the columns of `weights` (SDXL: two)."""
+    widths = list(widths or [int(weights.shape[1])])
     return {
         "format": STATE_FORMAT,
         "step": step,
@@ -94,7 +102,7 @@ def training_state(*, step: int, global_batch: int, seed: int, vocab, weights: t
         "global_batch": global_batch,
         "tokens": [c.token for c in vocab.concepts],
         "vectors": [c.vectors for c in vocab.concepts],
-        "embeddings": {"text_encoder": weights.clone()},
+        "embeddings": {name: block.clone() for name, block in zip(ENCODERS, weights.split(widths, dim=1))},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
         "loss_history": loss_history[-1000:],
@@ -102,7 +110,7 @@ def training_state(*, step: int, global_batch: int, seed: int, vocab, weights: t
 
 
 def manifest(*, job, model_source: str, loss: float | None, vocab, total_steps: int, global_batch: int, learning_rate: float,
-             world_size: int, width: int, resumed_from: str | None) -> dict:
+             world_size: int, width: int, resumed_from: str | None, family: str = "sd", widths: list[int] | None = None) -> dict:
     """manifest.json's keys beyond uuid/step/created_at/uri/files (which :func:`write` adds)."""
     spec, md = job.spec, job.metadata
     return {
@@ -111,7 +119,8 @@ def manifest(*, job, model_source: str, loss: float | None, vocab, total_steps: 
         "tokens": {c.token: c.vectors for c in vocab.concepts},
         "hyperparameters": spec.training.model_dump(mode="json", by_alias=True),
         "total_steps": total_steps,
-        "model": {"source": model_source, "revision": spec.model.revision, "variant": spec.model.variant},
+        "model": {"source": model_source, "revision": spec.model.revision, "variant": spec.model.variant,
+                  **({"vae": spec.model.vae} if spec.model.vae else {})},
         "concepts": [
             {"token": c.token, "vectors": c.vectors, "initializer": c.initializer, "property": sc.property}
             for c, sc in zip(vocab.concepts, spec.concepts)
@@ -121,6 +130,8 @@ def manifest(*, job, model_source: str, loss: float | None, vocab, total_steps: 
         "world_size": world_size,
         "embedding_width": width,
         "resumed_from": resumed_from,
+        "family": family,  # the model family the embeddings belong to: "sd" (1.x/2.x) or "sdxl"
+        **({"embedding_widths": dict(zip(("clip_l", "clip_g"), widths))} if family == "sdxl" and widths else {}),
         "trainer": {"version": version()},
         # learned_embeddings_dict.pt carries, per token, an initializer_strs of exactly as many
         # tokens as it has vectors: the Determined pipeline recounts the vectors from it.
@@ -144,7 +155,13 @@ def write(
     uri = api_storage.checkpoint_uri(run, cid)
     with tempfile.TemporaryDirectory(prefix="tinv-ckpt-") as tmp:
         folder = Path(tmp)
-        names = formats.write_all(folder, embeddings, initializers, step, manifest.get("model", {}).get("source"), star_id)
+        source = manifest.get("model", {}).get("source")
+        if manifest.get("family") == "sdxl":  # clip_l/clip_g files and diffusers' pair (tinv.trainer.sdxl)
+            from . import sdxl
+
+            names = sdxl.write_files(folder, embeddings, step, list(manifest["embedding_widths"].values()), source)
+        else:
+            names = formats.write_all(folder, embeddings, initializers, step, source, star_id)
         torch.save(state, folder / STATE)
         names.append(STATE)
         files, sizes = {}, {}
@@ -299,12 +316,33 @@ class Restored:
     state: dict | None  # optimizer.pt of a continued run (optimizer, scaler, loss history)
 
 
-def restore(start: Start, vocab, init: torch.Tensor) -> Restored:
+def _check_family(loaded: Loaded, family: str) -> None:
+    """Refuse a start source made for the other model family (SD 1.x/2.x vs SDXL), with what to do."""
+    had = None
+    if loaded.manifest is not None:
+        had = loaded.manifest.get("family", "sd")
+    elif loaded.state is not None:
+        had = "sdxl" if ENCODERS[1] in loaded.state.get("embeddings", {}) else "sd"
+    elif loaded.embeddings:
+        had = "sdxl" if all(isinstance(e, dict) for e in loaded.embeddings.values()) else "sd"
+    if had is None or had == family:
+        return
+    names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+    raise ConfigError(
+        f"{loaded.uri} holds {names.get(had, had)} embeddings, but this job's model is {names.get(family, family)}: "
+        f"{'SDXL needs vectors for both of its text encoders (clip_l + clip_g)' if family == 'sdxl' else 'SD 1.x/2.x has one text encoder'}. "
+        "Resume or fork from a checkpoint of the same model family, or train the concept anew (drop resumeFrom)"
+    )
+
+
+def restore(start: Start, vocab, init: torch.Tensor, *, family: str = "sd", widths: list[int] | None = None) -> Restored:
     """The starting vectors and step: `init` (the initializers' vectors) unless the start source
-    provides them. Says, for each concept, what was taken from where."""
+    provides them. Says, for each concept, what was taken from where. `family`, `widths`: the
+    model's ("sdxl" with its two encoders' widths: vectors are their blocks side by side)."""
     loaded = start.loaded
     if loaded is None:
         return Restored(init, 0, None)
+    _check_family(loaded, family)
     uri = loaded.uri
     state = loaded.state if start.mode == "continue" else None
     tokens_now = [c.token for c in vocab.concepts]
@@ -315,7 +353,10 @@ def restore(start: Start, vocab, init: torch.Tensor) -> Restored:
                 f"cannot continue {uri}: it has concepts {state['tokens']} with vectors {state['vectors']}, "
                 f"this job {tokens_now} with {vectors_now} (use resumeFrom.mode: fork to start new concepts from its embeddings)"
             )
-        return Restored(state["embeddings"]["text_encoder"].float().clone(), int(state["step"]), state)
+        vectors = torch.cat([state["embeddings"][n].float() for n in ENCODERS[: len(widths or [0])]], dim=1)
+        if vectors.shape[1] != init.shape[1]:
+            raise ConfigError(f"cannot continue {uri}: its vectors are {vectors.shape[1]} wide, this model's {init.shape[1]}")
+        return Restored(vectors.clone(), int(state["step"]), state)
     out = init.clone()
     found = 0
     for c in vocab.concepts:
@@ -330,7 +371,13 @@ def restore(start: Start, vocab, init: torch.Tensor) -> Restored:
             )
             continue
         if isinstance(e, dict):
-            raise ConfigError(f"{uri} holds SDXL embeddings (clip_l/clip_g); this model is SD 1.x/2.x")
+            if family != "sdxl":
+                raise ConfigError(f"{uri} holds SDXL embeddings (clip_l/clip_g); this model is SD 1.x/2.x")
+            from . import sdxl
+
+            e = sdxl.join(e)
+        elif family == "sdxl":
+            raise ConfigError(f"{uri} holds an SD 1.x/2.x embedding for {source_token!r}; this model is SDXL (clip_l + clip_g)")
         if e.shape != (n, out.shape[1]):
             raise ConfigError(
                 f"embedding for {source_token!r} in {uri} has shape {tuple(e.shape)}, this job needs ({n}, {out.shape[1]}) for {c.token!r}: "

@@ -16,7 +16,9 @@ A concept reference names where embedding vectors live, in any of these forms:
 Reading uses :func:`tinv.trainer.formats.read_embeddings`; this module adds the resolution of job
 references and uuids, per-concept provenance (URI, checkpoint uuid, job, a content hash) for the
 PNG metadata, and the checks with messages a user can act on: width against the text encoder,
-duplicate tokens, SDXL files on an SD 1.x/2.x model. Tokens that are already words of the
+duplicate tokens, SDXL files on an SD 1.x/2.x model and SD 1.x/2.x files on SDXL. An SDXL concept
+(``clip_l`` + ``clip_g``) is held as one ``[n, 768 + 1280]`` matrix, the layout the engine installs
+(:mod:`tinv.trainer.sdxl`). Tokens that are already words of the
 vocabulary are refused by :class:`tinv.trainer.tokens.ConceptVocab`.
 """
 
@@ -66,6 +68,7 @@ class Concept:
     uri: str  # the checkpoint folder or file read (absolute for local paths)
     checkpoint: str | None = None  # checkpoint uuid, when the source is a tinv checkpoint
     job: str | None = None
+    family: str = "sd"  # "sdxl" for clip_l/clip_g files: vectors are then [n, w_l + w_g]
 
     @property
     def width(self) -> int:
@@ -211,11 +214,13 @@ def read(ref: ConceptRef, *, store: api_storage.Store, storage_uri: str | None =
             )
     out = []
     for token, vec in found.items():
-        if isinstance(vec, dict):
-            raise ConfigError(
-                f"embedding {uri} ({token}) is an SDXL embedding (clip_l + clip_g); tinv generates with SD 1.x and 2.x models"
-            )
-        out.append(Concept(token=str(token), vectors=vec.detach().to("cpu", torch.float32).contiguous(), uri=_absolute(uri), checkpoint=ck, job=job))
+        family = "sd"
+        if isinstance(vec, dict):  # SDXL: clip_l + clip_g, joined in the encoders' order
+            from . import sdxl
+
+            vec, family = sdxl.join(vec), sdxl.FAMILY
+        out.append(Concept(token=str(token), vectors=vec.detach().to("cpu", torch.float32).contiguous(), uri=_absolute(uri),
+                           checkpoint=ck, job=job, family=family))
     return out
 
 
@@ -239,8 +244,28 @@ def load_all(
     return concepts
 
 
-def check_against(concepts: list[Concept], text_encoder) -> None:
-    """Every concept's width must match the text encoder's token embeddings."""
+def check_against(concepts: list[Concept], text_encoder, family: str = "sd", widths: list[int] | None = None) -> None:
+    """Every concept must belong to the model's family, and its width match the text encoder's
+    token embeddings (SDXL: each of both encoders')."""
+    for c in concepts:
+        if c.family != family:
+            if c.family == "sdxl":
+                raise ConfigError(
+                    f"embedding {c.token!r} from {c.uri} is an SDXL embedding (clip_l + clip_g); this model is SD 1.x/2.x "
+                    "(one text encoder). Use it with an SDXL model, or train the concept on this one"
+                )
+            raise ConfigError(
+                f"embedding {c.token!r} from {c.uri} is an SD 1.x/2.x embedding ({c.width} wide, one text encoder); this model "
+                f"is SDXL, which needs vectors for both encoders (clip_l {widths[0] if widths else 768} + clip_g "
+                f"{widths[1] if widths else 1280}). Train the concept on this SDXL model, or use it with the model it was trained for"
+            )
+        if family == "sdxl" and widths is not None and c.width != sum(widths):
+            raise ConfigError(
+                f"embedding {c.token!r} from {c.uri} has clip_l + clip_g {c.width} wide in all; this SDXL model's encoders are "
+                f"{widths[0]} + {widths[1]} = {sum(widths)}. Use the base model it was trained on"
+            )
+    if family == "sdxl":
+        return
     width = int(text_encoder.get_input_embeddings().embedding_dim)
     for c in concepts:
         if c.width != width:

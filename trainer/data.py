@@ -110,6 +110,7 @@ class Dataset:
     names: list[str]  # file names, for logs and manifests
     templates: list[list[str]]  # per concept
     tokens: list[str]  # per concept
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each original image: SDXL's time ids
 
     def __len__(self) -> int:
         return len(self.names)  # pixels are dropped once the latents are cached
@@ -271,6 +272,7 @@ def build_dataset(
             if img is None:
                 continue
             ds.pixels.append(fit(img, resolution, center_crop, interpolation))
+            ds.sizes.append(img.size)
             ds.concept.append(ci)
             ds.caption.append(caption_from_name(p.name, c.filename_split_char) if c.caption_from_filename else "")
             ds.names.append(f"{c.token}/{p.relative_to(folder).as_posix() if p != folder else p.name}")

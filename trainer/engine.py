@@ -15,8 +15,13 @@ ONE denoising loop for everything tinv renders -- grids (:mod:`.generate`), the 
   batch beyond the kernels the batch shape selects; the batch shape is recorded in each PNG and
   :func:`reproduce` renders the image in a batch of the same shape;
 - the VAE decodes the whole batch at once (or ``vae_batch`` at a time); attention is PyTorch SDPA;
-  bf16/fp16 on GPUs (latents and scheduler math stay fp32); optional ``torch.compile``,
-  channels-last and fused QKV projections on CUDA.
+  bf16/fp16 on GPUs (latents and scheduler math stay fp32; a VAE that asks for it -- SDXL's,
+  ``force_upcast`` -- decodes in fp32 rather than fp16); optional ``torch.compile``, channels-last
+  and fused QKV projections on CUDA;
+- SDXL (:mod:`.sdxl`): concepts hold vectors for both text encoders, each installed in its
+  encoder; the UNet gets SDXL's conditioning (both encoders' penultimate states, the pooled
+  projection, time ids of the image size) and empty negative prompts are zeros, as in diffusers'
+  StableDiffusionXLPipeline.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from . import models, pngmeta
 from .errors import ConfigError
 from .grid import Request, check_scheduler, plan_batches
 from .runtime import device_name, dtype_name, hf_token, pick_device, pick_dtype, version
-from .tokens import ConceptTokens, ConceptVocab, TIEmbedding, install
+from .tokens import ConceptTokens, ConceptVocab, TIEmbedding, install_all
 
 log = logging.getLogger("tinv.trainer")
 
@@ -164,31 +169,36 @@ class Engine:
         self.model_info = model_info or {"source": bundle.source}
         self.sched_config = scheduler_config(bundle)
         self.vae_scale = bundle.vae_scale
+        # fp16 overflows in SDXL's VAE (its config says force_upcast): it decodes in fp32 then; bf16 is safe.
+        upcast = bool(getattr(bundle.vae.config, "force_upcast", False)) and self.dtype == torch.float16
+        self.vae_dtype = torch.float32 if upcast else self.dtype
         self.native_size = int(bundle.unet.config.sample_size) * self.vae_scale
         self.text_encoder = bundle.text_encoder
         self.tokenizer = bundle.tokenizer
+        self.encoders = [s.encoder for s in bundle.text]  # SDXL: both, in the order of their vectors' columns
         if vocab is not None:  # the trainer's own vocabulary and layer, already in place
             self.concepts = []
             self.vocab = vocab
-            self._embedding = self.text_encoder.get_input_embeddings()
+            self._embeddings = [e.get_input_embeddings() for e in self.encoders]
         else:
             self.concepts = list(concepts or [])
-            concepts_mod.check_against(self.concepts, self.text_encoder)
-            current = self.text_encoder.get_input_embeddings()
-            base = current.base if isinstance(current, TIEmbedding) else current
+            concepts_mod.check_against(self.concepts, self.text_encoder, bundle.family, bundle.widths)
+            bases = [e.get_input_embeddings() for e in self.encoders]
+            bases = [b.base if isinstance(b, TIEmbedding) else b for b in bases]
             # Tokens: refuses words of the vocabulary and clashing tokens with clear messages.
             # Placeholder ids start past the embedding table, which may have more rows than the
             # tokenizer has words (a padded table): the trainer's rule, so ids never hit padding rows.
             self.vocab = ConceptVocab(self.tokenizer, [(c.token, "", int(c.vectors.shape[0])) for c in self.concepts],
-                                      table_size=base.num_embeddings)
+                                      table_size=max(b.num_embeddings for b in bases))
             self._place_modules()
-            # This engine's token table: the encoder's own embedding plus the concepts' rows. Engines
+            # This engine's token tables: each encoder's own embedding plus the concepts' rows. Engines
             # sharing one bundle (ConceptPipeline.with_concepts) each re-attach theirs before encoding.
             if self.concepts:
-                self._embedding = install(self.text_encoder, torch.cat([c.vectors for c in self.concepts], 0), offset=self.vocab.base_size)
+                install_all(self.encoders, torch.cat([c.vectors for c in self.concepts], 0), offset=self.vocab.base_size)
             else:
-                self._embedding = base
-                self.text_encoder.set_input_embeddings(base)
+                for e, b in zip(self.encoders, bases):
+                    e.set_input_embeddings(b)
+            self._embeddings = [e.get_input_embeddings() for e in self.encoders]
         self._unet_call = self.bundle.unet
         if self.compiled:
             self._unet_call = torch.compile(self.bundle.unet, fullgraph=False, dynamic=False)
@@ -200,14 +210,15 @@ class Engine:
     def _place_modules(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet, vae, te = self.bundle.unet, self.bundle.vae, self.text_encoder
-        for m in (unet, vae, te):
+        unet, vae = self.bundle.unet, self.bundle.vae
+        for m in (unet, vae, *self.encoders):
             m.eval()
             m.requires_grad_(False)
+            dtype = self.vae_dtype if m is vae else self.dtype
             p = next(m.parameters())
-            if p.device != self.device or p.dtype != self.dtype:
+            if p.device != self.device or p.dtype != dtype:
                 with _quiet_diffusers():
-                    m.to(self.device, self.dtype)
+                    m.to(self.device, dtype)
         # SDPA attention everywhere (diffusers' default on torch 2; made explicit).
         unet.set_attn_processor(AttnProcessor2_0())
         vae.set_attn_processor(AttnProcessor2_0())
@@ -282,12 +293,26 @@ class Engine:
             raise ConfigError(f"size {q.width}x{q.height}: width and height must be multiples of {self.vae_scale}")
         return (1, int(self.bundle.unet.config.in_channels), q.height // self.vae_scale, q.width // self.vae_scale)
 
+    def _attach(self) -> None:
+        for enc, layer in zip(self.encoders, self._embeddings):
+            if enc.get_input_embeddings() is not layer:
+                enc.set_input_embeddings(layer)
+
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        if self.text_encoder.get_input_embeddings() is not self._embedding:
-            self.text_encoder.set_input_embeddings(self._embedding)
-        ids = self.vocab.batch(prompts).to(self.device)
-        return self.text_encoder(ids)[0]
+        """The UNet's encoder_hidden_states for these prompts (SDXL: both encoders', concatenated)."""
+        self._attach()
+        return self.bundle.encode(self.vocab, prompts)[0]
+
+    @torch.inference_mode()
+    def condition(self, negatives: list[str], prompts: list[str], cfg: bool, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """(encoder_hidden_states, extra UNet kwargs) of a batch: negatives then prompts when guided."""
+        self._attach()
+        if self.bundle.family == "sdxl":
+            from . import sdxl
+
+            return sdxl.render_conditioning(self.bundle, self.vocab, negatives, prompts, size, cfg, self.dtype)
+        return self.encode((negatives + prompts) if cfg else prompts), {}
 
     @torch.inference_mode()
     def render(self, requests: Sequence[Request], *, cfg: bool | None = None) -> list[Rendered]:
@@ -305,10 +330,7 @@ class Engine:
         use_cfg = any(q.guidance_scale > 1 for q in requests) if cfg is None else bool(cfg)
         # Text: negative and positive prompts in one encoder pass.
         prompts = [q.prompt for q in requests]
-        if use_cfg:
-            emb = self.encode([q.negative_prompt or "" for q in requests] + prompts)
-        else:
-            emb = self.encode(prompts)
+        emb, extra = self.condition([q.negative_prompt or "" for q in requests], prompts, use_cfg, (q0.height, q0.width))
         # Noise: one CPU generator per image (batch-independent, device-independent draws).
         gens = [torch.Generator("cpu").manual_seed(int(q.seed)) for q in requests]
         shape = self._noise_shape(q0)
@@ -326,7 +348,7 @@ class Engine:
         for t in sched.timesteps:
             x = torch.cat([latents, latents]) if use_cfg else latents
             x = sched.scale_model_input(x, t).to(self.dtype).contiguous(memory_format=mf)
-            out = self._unet_call(x, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+            out = self._unet_call(x, t, encoder_hidden_states=emb, return_dict=False, **extra)[0].float()
             if use_cfg:
                 uncond, cond = out.chunk(2)
                 out = torch.where(guided, uncond + gscale * (cond - uncond), cond)
@@ -346,7 +368,7 @@ class Engine:
         mf = torch.channels_last if self.optimized else torch.contiguous_format
         outs = []
         for i in range(0, z.shape[0], chunk):
-            zi = z[i : i + chunk].to(self.dtype).contiguous(memory_format=mf)
+            zi = z[i : i + chunk].to(next(vae.parameters()).dtype).contiguous(memory_format=mf)
             img = self._vae_decode(zi, return_dict=False)[0]
             img = (img.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
             outs.append(img.permute(0, 2, 3, 1).contiguous().cpu())
@@ -404,15 +426,16 @@ def load_engine(
     compile: bool = False,
     optimize: bool | None = None,
     vae_batch: int | None = None,
+    vae: str | None = None,
 ) -> Engine:
-    """Load the base model (any spec.model.source form) and the concepts; build an engine."""
+    """Load the base model (any spec.model.source form; `vae`: spec.model.vae) and the concepts; build an engine."""
     store = store or api_storage.Store()
     loaded = concepts_mod.load_all(refs, store=store, storage_uri=storage_uri, namespace=namespace)
-    bundle = models.load(model, revision=revision, variant=variant, token=hf_token(), store=store)
+    bundle = models.load(model, revision=revision, variant=variant, token=hf_token(), store=store, vae=vae)
     source = model
     if "://" not in model and not model.startswith("builtin:") and Path(model).exists():
         source = str(Path(model).resolve())
-    info = {"source": source, "revision": revision, "variant": variant}
+    info = {"source": source, "revision": revision, "variant": variant, **({"vae": vae} if vae else {})}
     return Engine(bundle, loaded, device=device, precision=precision, compile=compile, optimize=optimize,
                   vae_batch=vae_batch, model_info=info)
 
@@ -438,7 +461,7 @@ def reproduce(meta: dict, *, engine: Engine | None = None, device: str | None = 
         engine = load_engine(
             m["source"], _group_refs(refs), revision=m.get("revision"), variant=m.get("variant"), device=device,
             precision=meta.get("precision", "auto"), store=store, compile=bool(b.get("compiled")) and not single,
-            optimize=b.get("optimized"), vae_batch=b.get("vae_batch"),
+            optimize=b.get("optimized"), vae_batch=b.get("vae_batch"), vae=m.get("vae"),
         )
     want = {e["token"]: e.get("sha256") for e in meta.get("embeddings", [])}
     have = {c.token: c.sha256 for c in engine.concepts}

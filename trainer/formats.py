@@ -31,7 +31,9 @@ tensors are fp32 on CPU, shape ``[n_vectors, width]``):
 Read by :func:`read_embeddings` (a file, a checkpoint folder, or a URI of either): all of the
 above, diffusers ``.bin``, the Determined demo file (also with ``initializer_tokens``), a bare
 tensor (token = file stem), ``{"emb_params": T}``, and SDXL ``{"clip_l": T, "clip_g": T}``
-(token = file stem; returned as a dict of the two).
+(token = file stem; returned as a dict of the two), and a folder holding diffusers' SDXL pair
+``learned_embeds.safetensors`` + ``learned_embeds_2.safetensors`` (what tinv's SDXL checkpoints
+hold, :mod:`.sdxl`).
 """
 
 from __future__ import annotations
@@ -157,6 +159,11 @@ def read_file(path: Path) -> dict:
 def read_folder(folder: Path) -> dict:
     """A checkpoint folder: learned_embeds.safetensors, else the Determined dict, else *.pt/*.bin."""
     folder = Path(folder)
+    from . import sdxl
+
+    pair = sdxl.read_pair(folder)  # an SDXL checkpoint: learned_embeds.safetensors + learned_embeds_2.safetensors
+    if pair is not None:
+        return pair
     for name in (SAFETENSORS, "learned_embeds.bin", DETERMINED):
         if (folder / name).is_file():
             return read_file(folder / name)

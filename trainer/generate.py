@@ -294,6 +294,7 @@ def run_grid(grid, opts: GridOptions | None = None, *, engine: Engine | None = N
                 opts.model or spec.model.source, refs_of(grid), revision=spec.model.revision, variant=spec.model.variant,
                 device=opts.device, precision=opts.precision or spec.precision, storage_uri=storage_uri,
                 namespace=grid.metadata.namespace, store=store, compile=opts.compile, vae_batch=opts.vae_batch,
+                vae=spec.model.vae,
             )
         stop.defer()
         return _render_shard(grid, opts, engine, stop, images, mine, (i, n), root, images_uri, store, batch_size)

@@ -20,7 +20,10 @@ folder; build a builtin), then :meth:`Located.tokenizer` and :meth:`Located.load
 does both.
 
 The result is a :class:`ModelBundle`. SD 1.x and 2.x have one text encoder; the bundle keeps a
-*list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite.
+*list* of (name, tokenizer, encoder) so SDXL's second encoder is an addition, not a rewrite. The
+bundle's ``family`` ("sd" or "sdxl") is recognised from the folder's components (SDXL: two text
+encoders and tokenizers; :mod:`.sdxl`), and the family-specific parts -- the text conditioning the
+UNet gets, the diffusers pipeline class, the native resolution -- are asked of the bundle.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .runtime import hf_token
 log = logging.getLogger("tinv.trainer")
 
 SD_COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+DEFAULT_RESOLUTION = 512  # training.resolution when unset, for SD 1.x/2.x (SDXL: its native size)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TextEncoderSlot:
 @dataclass
 class ModelBundle:
     source: str
-    family: str  # "sd" (1.x/2.x); "sdxl" reserved
+    family: str  # "sd" (1.x/2.x) or "sdxl"
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object  # the model's training noise scheduler (DDPMScheduler)
@@ -85,9 +89,34 @@ class ModelBundle:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def widths(self) -> list[int]:
+        """Token-embedding width of each text encoder (SD 1.x [768], SD 2.x [1024], SDXL [768, 1280])."""
+        return [s.width for s in self.text]
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the model was trained at: the default training resolution."""
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+    def encode(self, vocab, prompts: list[str], initializer: bool = False):
+        """(encoder_hidden_states, pooled text embeds or None): the text conditioning of this family."""
+        if self.family == "sdxl":
+            from . import sdxl
+
+            return sdxl.encode(self, vocab, prompts, initializer=initializer)
+        dev = next(self.text_encoder.parameters()).device
+        return self.text_encoder(vocab.batch(prompts, initializer).to(dev))[0], None
+
     def pipeline(self, scheduler=None):
-        """A diffusers StableDiffusionPipeline over these very modules (no copy)."""
+        """A diffusers pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL) over
+        these very modules (no copy)."""
         from diffusers import StableDiffusionPipeline
+
+        if self.family == "sdxl":
+            from . import sdxl
+
+            return sdxl.pipeline(self, scheduler)
 
         return StableDiffusionPipeline(
             vae=self.vae,
@@ -101,17 +130,24 @@ class ModelBundle:
         )
 
 
+def default_resolution(bundle: ModelBundle) -> int:
+    """training.resolution when the spec sets none: 512 for SD 1.x/2.x (as always), the native size for
+    SDXL (1024 for SDXL base and builtin:sdxl-random; 64 for builtin:tiny-xl)."""
+    return bundle.native_resolution if bundle.family == "sdxl" else DEFAULT_RESOLUTION
+
+
 def from_components(source: str, c: dict, path: str | None = None) -> ModelBundle:
-    """A bundle over already built components (tokenizer, text_encoder, vae, unet, scheduler)."""
-    return ModelBundle(
-        source=source,
-        family="sd",
-        unet=c["unet"],
-        vae=c["vae"],
-        scheduler=c["scheduler"],
-        text=[TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"])],
-        path=path,
-    )
+    """A bundle over already built components (tokenizer, text_encoder, vae, unet, scheduler; SDXL also
+    tokenizer_2, text_encoder_2)."""
+    if "text_encoder_2" in c:  # SDXL: both encoders, in the order of the UNet's concatenated input
+        from . import sdxl
+
+        text = [TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"], sdxl.FORMAT_KEYS[0]),
+                TextEncoderSlot("text_encoder_2", c["tokenizer_2"], c["text_encoder_2"], sdxl.FORMAT_KEYS[1])]
+        family = sdxl.FAMILY
+    else:
+        text, family = [TextEncoderSlot("text_encoder", c["tokenizer"], c["text_encoder"])], "sd"
+    return ModelBundle(source=source, family=family, unet=c["unet"], vae=c["vae"], scheduler=c["scheduler"], text=text, path=path)
 
 
 def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBundle:
@@ -127,10 +163,10 @@ def load_folder(path: Path, source: str, variant: str | None = None) -> ModelBun
             raise ModelError(
                 f"{source} is not a diffusers Stable Diffusion folder: no model_index.json and no {', '.join(missing)}/"
             )
-    else:
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        if "XL" in cls:
-            raise ModelError(f"{source} is an SDXL model ({cls}); tinv trains SD 1.x and 2.x today (SDXL is planned)")
+    from . import sdxl
+
+    if sdxl.is_sdxl_folder(path):
+        return from_components(source, sdxl.load_folder(path, source, variant), str(path))
     kw = {"variant": variant} if variant else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
@@ -216,7 +252,7 @@ def fetch_hub(repo_id: str, revision: str | None, variant: str | None, token: st
     cache = os.environ.get("HF_HUB_CACHE") or str(storage.cache_dir() / "hf")
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
     allow = ["model_index.json"]
-    for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+    for sub in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler"):  # SDXL has the _2 ones
         allow += [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/{weights}"]
     ignore = [] if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     kw = dict(repo_id=repo_id, revision=revision, cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore, token=token)
@@ -255,11 +291,20 @@ def _tiny(source: str) -> dict:
     return tiny.build(source)
 
 
-#: builtin:<name> models built in code: name -> components (tokenizer, text_encoder, vae, unet, scheduler).
+def _tiny_xl(source: str) -> dict:
+    from . import sdxl
+
+    return sdxl.build(source)
+
+
+#: builtin:<name> models built in code: name -> components (tokenizer, text_encoder, vae, unet, scheduler;
+#: SDXL's also tokenizer_2, text_encoder_2).
 BUILTINS: dict[str, Callable[[str], dict]] = {
     "tiny": _tiny,
     "tiny-v": _tiny,
     "sd15-random": _tiny,  # SD 1.5's architecture with random weights: benchmarks only
+    "tiny-xl": _tiny_xl,  # a tiny SDXL (two encoders, text_time conditioning): tests
+    "sdxl-random": _tiny_xl,  # SDXL base's architecture with random weights: benchmarks only
 }
 
 
@@ -330,6 +375,56 @@ def load(
     variant: str | None = None,
     token: str | None = None,
     store: storage.Store | None = None,
+    vae: str | None = None,
 ) -> ModelBundle:
-    """Load a model bundle from any supported source (see the module doc)."""
-    return locate(source, revision, variant, token, store).load()
+    """Load a model bundle from any supported source (see the module doc); `vae`: spec.model.vae."""
+    bundle = locate(source, revision, variant, token, store).load()
+    swap_vae(bundle, vae, token, store)
+    return bundle
+
+
+def swap_vae(bundle: ModelBundle, source: str | None, token: str | None = None, store: storage.Store | None = None) -> None:
+    """Replace the bundle's VAE by spec.model.vae (a hub id or a diffusers AutoencoderKL folder, or a
+    pipeline folder holding vae/), e.g. an fp16-safe SDXL VAE; nothing when `source` is None."""
+    if not source:
+        return
+    from diffusers import AutoencoderKL
+
+    if storage.is_s3(source):
+        path = fetch_s3_folder(source, store)
+    elif is_hub_id(source):
+        from huggingface_hub import snapshot_download
+
+        cache = os.environ.get("HF_HUB_CACHE") or str(storage.cache_dir() / "hf")
+        allow = ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+        try:
+            path = Path(snapshot_download(repo_id=source, cache_dir=cache, allow_patterns=allow, token=token, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: download (fails fast when the hub is unreachable)
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+                raise UnavailableError(f"model.vae {source!r} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set")
+            probe_hub()
+            try:
+                path = Path(snapshot_download(repo_id=source, cache_dir=cache, allow_patterns=allow, token=token))
+            except Exception as e:
+                raise UnavailableError(f"downloading model.vae {source!r} from the hub failed ({type(e).__name__}: {e})") from e
+    else:
+        try:
+            path = storage.local_path(source)
+        except (ValueError, storage.StorageError) as e:
+            raise ModelError(f"model.vae: {e}") from e
+        if path is None or not Path(path).exists():
+            raise ModelError(f"model.vae folder {source} does not exist")
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.vae {source}: not a diffusers AutoencoderKL folder ({e})") from e
+    if vae.config.latent_channels != bundle.vae.config.latent_channels:
+        raise ModelError(f"model.vae {source} has {vae.config.latent_channels} latent channels; the model's VAE has "
+                         f"{bundle.vae.config.latent_channels}: it is a VAE for another model family")
+    vae.eval()
+    vae.requires_grad_(False)
+    bundle.vae = vae
+    log.info("VAE from %s (force_upcast %s)", source, bool(getattr(vae.config, "force_upcast", False)))

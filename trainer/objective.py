@@ -156,8 +156,12 @@ class Objective:
     """The training loss of a list of global sample indices."""
 
     def __init__(self, *, unet, encoder, vocab, stream: Stream, latents: LatentCache, noise: NoiseSchedule,
-                 seed: int, global_batch: int, device, dtype, hidden_reg_weight: float = 0.0):
+                 seed: int, global_batch: int, device, dtype, hidden_reg_weight: float = 0.0, condition=None):
+        """`condition`: the model family's text conditioning, ``(prompts, ks, initializer=, dtype=) ->
+        (encoder_hidden_states, extra UNet kwargs)`` (SDXL: :class:`tinv.trainer.sdxl.TrainConditioning`);
+        default: SD 1.x/2.x's, the last hidden states of the one encoder."""
         self.unet, self.encoder, self.vocab = unet, encoder, vocab
+        self.condition = condition or self._sd_condition
         self.stream, self.latents, self.noise = stream, latents, noise
         self.seed, self.G, self.device, self.dtype = seed, global_batch, device, dtype
         self.hidden_reg_weight = hidden_reg_weight
@@ -184,21 +188,24 @@ class Objective:
         target = noise if self.noise.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
         return noisy, t, target, [p[2] for p in picks]
 
+    def _sd_condition(self, prompts: list[str], ks: list[int], *, initializer: bool = False, dtype=None):
+        return self.encoder(self.vocab.batch(prompts, initializer=initializer).to(self.device))[0], {}
+
     def __call__(self, ks: list[int], *, backward: bool = True, scaler=None) -> torch.Tensor:
         """Backpropagates (sum of these samples' losses) / G; returns that sum, on the device (reading
         it here would stall the GPU queue)."""
         noisy, t, target, prompts = self.draw(ks)
         with self.autocast:
-            hidden = self.encoder(self.vocab.batch(prompts).to(self.device))[0]
+            hidden, extra = self.condition(prompts, ks, dtype=self.dtype)
             x = noisy.to(self.dtype)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            pred = self.unet(x, t, hidden.to(self.dtype)).sample
+            pred = self.unet(x, t, hidden.to(self.dtype), **extra).sample
         per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         loss = per.sum() / self.G
         if self.hidden_reg_weight > 0:
             with torch.no_grad(), self.autocast:
-                ref = self.encoder(self.vocab.batch(prompts, initializer=True).to(self.device))[0]
+                ref = self.condition(prompts, ks, initializer=True, dtype=self.dtype)[0]
             reg = F.mse_loss(hidden.float(), ref.float(), reduction="none").mean(dim=(1, 2)).sum() / self.G
             loss = loss + self.hidden_reg_weight * reg
         if backward:

@@ -59,6 +59,7 @@ class ConceptPipeline:
         variant: str | None = None,
         compile: bool = False,
         vae_batch: int | None = None,
+        vae: str | None = None,
     ) -> "ConceptPipeline":
         """Load `model` (any spec.model.source form) and `concepts` (see the module doc).
 
@@ -67,7 +68,7 @@ class ConceptPipeline:
         checkpoint, an embedding of the wrong width, or a token already in the vocabulary.
         """
         kw = dict(device=device, precision=precision, storage_uri=storage, namespace=namespace, revision=revision,
-                  variant=variant, compile=compile, vae_batch=vae_batch)
+                  variant=variant, compile=compile, vae_batch=vae_batch, vae=vae)
         refs = list(concepts)
         engine = E.load_engine(model, refs, **kw)
         return cls(engine, model=model, refs=refs, load_kwargs=kw)

@@ -17,7 +17,10 @@ How a concept becomes input to the text encoder, without touching the vocabulary
   refused with a message that says why and what to pick instead.
 
 SDXL: each text encoder gets its own TIEmbedding (``clip_l`` 768 wide, ``clip_g`` 1280 wide);
-ConceptVocab is shared, because both SDXL tokenizers have the same vocabulary.
+ConceptVocab is shared, because both SDXL tokenizers have the same vocabulary. The learned rows of
+all encoders are ONE fp32 parameter ``[sum(n), 768 + 1280]``; each encoder's layer reads its block
+of columns (:func:`install_all`), so one optimizer, one all-reduce and one checkpoint tensor serve
+any number of encoders.
 """
 
 from __future__ import annotations
@@ -260,13 +263,16 @@ class TIEmbedding(nn.Module):
     regardless of the compute dtype.
     """
 
-    def __init__(self, base: nn.Embedding, new: torch.Tensor, offset: int | None = None):
+    def __init__(self, base: nn.Embedding, new: torch.Tensor, offset: int | None = None, columns: tuple[int, int] | None = None):
+        """`new`: the rows (copied into a new parameter), or an existing parameter shared with other
+        encoders' layers, of which this one reads `columns` (start, stop) -- SDXL's two encoders."""
         super().__init__()
         self.base = base
         self.base.weight.requires_grad_(False)
         self.num_base = base.num_embeddings if offset is None else int(offset)  # first placeholder id
         assert self.num_base >= base.num_embeddings
-        self.new = nn.Parameter(new.detach().to(torch.float32).clone())
+        self.new = new if isinstance(new, nn.Parameter) else nn.Parameter(new.detach().to(torch.float32).clone())
+        self.columns = columns
 
     @property
     def weight(self) -> torch.Tensor:
@@ -283,7 +289,8 @@ class TIEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_new = ids >= self.num_base  # placeholder ids; everything below is the frozen table
         out = self.base(torch.where(is_new, torch.zeros_like(ids), ids))
-        new_rows = nn.functional.embedding(torch.where(is_new, ids - self.num_base, torch.zeros_like(ids)), self.new)
+        rows = self.new if self.columns is None else self.new[:, self.columns[0] : self.columns[1]]
+        new_rows = nn.functional.embedding(torch.where(is_new, ids - self.num_base, torch.zeros_like(ids)), rows)
         return torch.where(is_new.unsqueeze(-1), new_rows.to(out.dtype), out)
 
 
@@ -300,6 +307,27 @@ def install(text_encoder, init: torch.Tensor, offset: int | None = None) -> TIEm
     layer = TIEmbedding(base, init.to(base.weight.device), offset)
     text_encoder.set_input_embeddings(layer)
     return layer
+
+
+def install_all(encoders: list, init: torch.Tensor, offset: int | None = None) -> nn.Parameter:
+    """Install the learned rows in every text encoder; returns THE parameter. With one encoder this
+    is :func:`install`; with several (SDXL), `init` is ``[rows, sum of widths]`` and encoder i's layer
+    reads its block of columns of the one shared parameter."""
+    if len(encoders) == 1:
+        return install(encoders[0], init, offset).new
+    first = encoders[0].get_input_embeddings()
+    device = (first.base if isinstance(first, TIEmbedding) else first).weight.device
+    shared = nn.Parameter(init.detach().to(device, torch.float32).clone())
+    start = 0
+    for enc in encoders:
+        current = enc.get_input_embeddings()
+        base = current.base if isinstance(current, TIEmbedding) else current
+        stop = start + base.embedding_dim
+        enc.set_input_embeddings(TIEmbedding(base, shared, offset, columns=(start, stop)))
+        start = stop
+    if start != shared.shape[1]:
+        raise ValueError(f"learned rows are {shared.shape[1]} wide; the text encoders need {start}")
+    return shared
 
 
 def initial_vectors(vocab: ConceptVocab, base_weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,7 +2,10 @@
 
 What is learned: for each concept, ``n`` new token vectors (one fp32 parameter for all of them,
 inside the text encoder's embedding layer -- see :mod:`.tokens`). Everything else (UNet, VAE, text
-encoder, the original vocabulary) is frozen and gets no weight gradients.
+encoder, the original vocabulary) is frozen and gets no weight gradients. SDXL (:mod:`.sdxl`): the
+vectors of both text encoders, side by side in that one parameter ``[rows, 768 + 1280]``, trained
+together; the UNet gets SDXL's conditioning (both encoders' penultimate states, the pooled
+projection, each image's size/crop time ids), and the default resolution is the model's native 1024.
 
 One optimisation step, with G = batchSize x gradientAccumulation x world size samples:
 
@@ -119,22 +122,27 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
         start = checkpoint.find_start(run.store, run.uri, storage_root=run.storage_uri, namespace=run.namespace,
                                       resume_from=job.spec.resume_from, auto_resume=opts.auto_resume)
         stop.saved = start.saved()
-        ds = data.build_dataset(job.spec.concepts, T.resolution, T.center_crop, T.interpolation, run.store,
-                                Path(opts.base_dir) if opts.base_dir else None, T.transparent_background)
+        resolution = T.resolution or models.DEFAULT_RESOLUTION
+        ds = build_dataset(job, opts, run, resolution)
         log.info("%d training images, %d concept(s); run folder %s", len(ds), len(job.spec.concepts), run.uri)
         # 2. The frozen model and the vocabulary of new tokens (checked from the tokenizer alone,
         #    before any weights are read); every prompt must hold every vector of its concept.
         bundle, vocab = load_frozen(job, opts, run, model)
+        if T.resolution is None and models.default_resolution(bundle) != resolution:
+            resolution = models.default_resolution(bundle)  # SDXL: its native size (the images were checked above)
+            log.info("training at %d px, the native size of this %s model (set training.resolution to change it)",
+                     resolution, bundle.family.upper())
+            ds = build_dataset(job, opts, run, resolution)
         objective.check_prompts(ds, vocab)
-        # 3. The new vectors: the initializers', or the start source's.
-        init = tokens.initial_vectors(vocab, bundle.text_encoder.get_input_embeddings().weight,
-                                      torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS)))
-        restored = checkpoint.restore(start, vocab, init)
+        # 3. The new vectors: the initializers', or the start source's (SDXL: both encoders' side by side).
+        g = torch.Generator().manual_seed(objective.mix(run.seed, objective.INIT_VECTORS))
+        init = torch.cat([tokens.initial_vectors(vocab, s.encoder.get_input_embeddings().weight, g) for s in bundle.text], 1)
+        restored = checkpoint.restore(start, vocab, init, family=bundle.family, widths=bundle.widths)
         latents = place_frozen(bundle, ds, run, flips=T.flip_p > 0,
                                fuse_qkv=run.device.type == "cuda" if opts.fuse_qkv is None else opts.fuse_qkv)
-        layer = tokens.install(bundle.text_encoder, restored.vectors.to(run.device), offset=vocab.base_size)
-        new = layer.new  # THE trainable tensor
-        assert [p for p in bundle.text_encoder.parameters() if p.requires_grad] == [new]
+        new = tokens.install_all([s.encoder for s in bundle.text], restored.vectors.to(run.device), offset=vocab.base_size)
+        # THE trainable tensor (SDXL: shared by both encoders' token layers)
+        assert all([p for p in s.encoder.parameters() if p.requires_grad] == [new] for s in bundle.text)
 
         # 4. Optimizer over the new rows only; lr scaled by the global batch; the objective.
         local = T.batch_size * T.gradient_accumulation
@@ -149,20 +157,23 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
             if scaler is not None and restored.state.get("scaler"):
                 scaler.load_state_dict(restored.state["scaler"])
             loss_history = list(restored.state.get("loss_history", []))
+        stream = objective.Stream(run.seed, ds, T.flip_p)
         loss_of = objective.Objective(
             unet=torch.compile(bundle.unet) if opts.compile else bundle.unet, encoder=bundle.text_encoder, vocab=vocab,
-            stream=objective.Stream(run.seed, ds, T.flip_p), latents=latents,
+            stream=stream, latents=latents,
             noise=objective.NoiseSchedule(bundle.scheduler.config, T.noise, run.device), seed=run.seed,
             global_batch=G, device=run.device, dtype=run.dtype, hidden_reg_weight=T.hidden_reg_weight,
+            condition=condition_of(bundle, vocab, stream, ds, resolution, T.center_crop, run.device),
         )
-        mean_norm = bundle.text_encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean().item()
+        # The vocabulary's mean token norm, per encoder (norm regularisation pulls each block towards its own).
+        mean_norms = [s.encoder.get_input_embeddings().weight.detach().float().norm(dim=1).mean().item() for s in bundle.text]
         micro = max(1, min(local, opts.micro_batch or local))
         reporter = Reporter(enabled=run.dist.leader, store=run.store, run=run.uri, total_steps=run.total, world_size=run.dist.world,
                             job_meta=run.meta, log_every=T.log_every, metrics_port=opts.metrics_port, progress_bar=opts.progress_bar)
         reporter.global_batch = G
         saver = Saver(job, run, vocab, bundle, reporter, G=G, learning_rate=base_lr, source_uri=start.source_uri,
                       model_source=opts.model or job.spec.model.source)
-        validator = Validator(bundle, vocab, run, T) if (opts.validation and T.validation.prompts and run.dist.leader) else None
+        validator = Validator(bundle, vocab, run, T, resolution) if (opts.validation and T.validation.prompts and run.dist.leader) else None
 
         # 5. The loop.
         stop.defer()
@@ -197,8 +208,10 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                 new.grad = buf[: grad.numel()].view_as(grad).to(grad.dtype)
                 stop_prev = buf[-1]
                 if T.norm_reg_weight > 0:
-                    # Pull each new vector's norm towards the vocabulary's mean norm (Determined's reg).
-                    reg = T.norm_reg_weight * (mean_norm - new.norm(dim=1)).pow(2).sum()
+                    # Pull each new vector's norm towards the vocabulary's mean norm (Determined's reg);
+                    # SDXL: each encoder's block of the vector towards that encoder's mean norm.
+                    blocks = new.split(bundle.widths, dim=1)
+                    reg = T.norm_reg_weight * sum((m - b.norm(dim=1)).pow(2).sum() for m, b in zip(mean_norms, blocks))
                     (scaler.scale(reg) if scaler else reg).backward()
                 if scaler:
                     scaler.step(opt)
@@ -212,8 +225,8 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
                 ckpt_due = step % T.checkpoint_every == 0 or step == run.total or any_stop
                 if step % T.log_every == 0 or ckpt_due or losses.unread >= 50:
                     points = losses.read()  # one synchronisation per report
-                    reporter.step(step, losses.smoothed, lr, losses.samples_per_second, step * G / len(ds),
-                                  float(new.detach().norm(dim=1).mean()), points=points)
+                    norm = float(new.detach()[:, : bundle.widths[0]].norm(dim=1).mean())  # (SDXL: the first encoder's)
+                    reporter.step(step, losses.smoothed, lr, losses.samples_per_second, step * G / len(ds), norm, points=points)
                 else:
                     reporter.tick(step)
                 if ckpt_due:
@@ -239,7 +252,7 @@ def train(job, options: Options | None = None, *, model: models.ModelBundle | No
     reporter.close()
     result = Result(
         exit_code=exit_code, phase=phase, step=step, total_steps=run.total, loss=losses.smoothed, run_uri=run.uri,
-        latest=saver.latest, message=message, embeddings=vocab.split_rows(new.detach().float().cpu()),
+        latest=saver.latest, message=message, embeddings=file_vectors(bundle, vocab.split_rows(new.detach().float().cpu())),
         eval_before=eval_before, eval_after=loss_of.mean_loss(opts.eval_samples, micro) if opts.eval_samples else None,
         throughput=timer.rate(G),
     )
@@ -283,6 +296,31 @@ class Run:
         )
 
 
+def build_dataset(job, opts: Options, run: Run, resolution: int) -> data.Dataset:
+    T = job.spec.training
+    return data.build_dataset(job.spec.concepts, resolution, T.center_crop, T.interpolation, run.store,
+                              Path(opts.base_dir) if opts.base_dir else None, T.transparent_background)
+
+
+def condition_of(bundle: models.ModelBundle, vocab, stream, ds: data.Dataset, resolution: int, center_crop: bool, device):
+    """The objective's text conditioning for this model family (None: SD 1.x/2.x's default)."""
+    if bundle.family != "sdxl":
+        return None
+    from . import sdxl
+
+    rows = [sdxl.geometry(size, resolution, center_crop) for size in ds.sizes]
+    return sdxl.TrainConditioning(bundle, vocab, stream, rows, resolution, center_crop, device)
+
+
+def file_vectors(bundle: models.ModelBundle, rows: dict[str, torch.Tensor]) -> dict:
+    """{token: rows} as the files hold them: SDXL's as {"clip_l": .., "clip_g": ..}."""
+    if bundle.family != "sdxl":
+        return rows
+    from . import sdxl
+
+    return {t: sdxl.split(r, bundle.widths) for t, r in rows.items()}
+
+
 def load_frozen(job, opts: Options, run: Run, model: models.ModelBundle | None):
     """(bundle, vocab): the concept vocabulary is built -- and its tokens checked against the model's
     vocabulary -- from the tokenizer alone, before the weights are loaded."""
@@ -296,21 +334,26 @@ def load_frozen(job, opts: Options, run: Run, model: models.ModelBundle | None):
         vocab = tokens.ConceptVocab(located.tokenizer(), concepts, training=True)  # refuses bad tokens before the weights load
         bundle = located.load()
         vocab.tokenizer = bundle.tokenizer  # the same files; keep the bundle's object
-    vocab.fit_table(bundle.text_encoder.get_input_embeddings().num_embeddings)
+    models.swap_vae(bundle, spec.model.vae, runtime.hf_token(), run.store)  # e.g. an fp16-safe SDXL VAE
+    for s in bundle.text:  # placeholder ids start past every encoder's table
+        vocab.fit_table(s.encoder.get_input_embeddings().num_embeddings)
     return bundle, vocab
 
 
 def place_frozen(bundle: models.ModelBundle, ds: data.Dataset, run: Run, *, flips: bool, fuse_qkv: bool) -> objective.LatentCache:
     """Freeze the model, cache the images' latents (VAE in fp32), then move everything to the
     compute dtype with the fast kernels of the device."""
-    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+    encoders = [s.encoder for s in bundle.text]
+    for m in (bundle.unet, bundle.vae, *encoders):
         m.requires_grad_(False)
         m.eval()
-    move(bundle.vae, run.device, torch.float32)
+    move(bundle.vae, run.device, torch.float32)  # SDXL's VAE overflows in fp16: latents are always encoded in fp32
     latents = objective.LatentCache(bundle.vae, bundle.vae_scale, ds, run.device, flips, run.dist)
     ds.pixels = []  # the cache replaces them; at 512 px they would hold 0.8 MB per image
-    for m in (bundle.vae, bundle.unet, bundle.text_encoder):
+    upcast = bool(getattr(bundle.vae.config, "force_upcast", False)) and run.dtype == torch.float16
+    for m in (bundle.unet, *encoders):
         move(m, run.device, run.dtype)
+    move(bundle.vae, run.device, torch.float32 if upcast else run.dtype)  # validation images: SDXL's VAE stays fp32 under fp16
     if run.device.type == "cuda":
         bundle.unet.to(memory_format=torch.channels_last)
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -359,6 +402,7 @@ class Saver:
                  source_uri: str | None, model_source: str):
         self.job, self.run, self.vocab, self.reporter = job, run, vocab, reporter
         self.G, self.learning_rate, self.source_uri, self.model_source = G, learning_rate, source_uri, model_source
+        self.family, self.widths = bundle.family, bundle.widths
         vocab_ids = bundle.tokenizer.get_vocab()
         self.star_id = vocab_ids.get("*</w>", vocab_ids.get("*", 265))  # AUTOMATIC1111's placeholder id
         kept = checkpoint.list_checkpoints(run.store, run.uri)[0] if run.dist.leader else []
@@ -370,11 +414,11 @@ class Saver:
             return
         run, vocab, T = self.run, self.vocab, self.job.spec.training
         w = new.detach().float().cpu()
-        state = checkpoint.training_state(step=step, global_batch=self.G, seed=run.seed, vocab=vocab, weights=w,
+        state = checkpoint.training_state(step=step, global_batch=self.G, seed=run.seed, vocab=vocab, weights=w, widths=self.widths,
                                           optimizer=opt, scaler=scaler, loss_history=loss_history)
         manifest = checkpoint.manifest(job=self.job, model_source=self.model_source, loss=loss, vocab=vocab, total_steps=run.total,
                                        global_batch=self.G, learning_rate=self.learning_rate, world_size=run.dist.world,
-                                       width=int(w.shape[1]), resumed_from=self.source_uri)
+                                       width=int(w.shape[1]), resumed_from=self.source_uri, family=self.family, widths=self.widths)
         ref = checkpoint.write(run.store, run.uri, step=step, embeddings=vocab.split_rows(w),
                                initializers=manifest["determined"]["initializer_strs"], state=state, manifest=manifest,
                                star_id=self.star_id)
@@ -386,8 +430,8 @@ class Saver:
 class Validator:
     """Validation images with fixed seeds, rendered by the generation engine over the training modules."""
 
-    def __init__(self, bundle, vocab, run: Run, T):
-        self.val, self.resolution = T.validation, T.resolution
+    def __init__(self, bundle, vocab, run: Run, T, resolution: int):
+        self.val, self.resolution = T.validation, resolution
         self.every = T.validation.every or T.checkpoint_every
         self.engine = Engine(bundle, device=run.device, precision=run.dtype, vocab=vocab, optimize=run.device.type == "cuda")
 
