@@ -82,3 +82,11 @@ def test_fraction_of_the_way_from_baseline_to_ceiling():
 
     assert fraction(0.5, 0.2, 0.8) == 0.5
     assert fraction(0.5, 0.8, 0.8) is None  # no gap: the concept does not count
+
+
+def test_a_context_is_what_the_prompt_asks_besides_the_concept():
+    from tinv.trainer.world.quality import _context_target
+
+    assert _context_target("a purple-star on an orange background", "purple-star") == {"background": "orange"}
+    assert _context_target("a large purple-star", "purple-star") == {}  # 'star' is the concept, not a context
+    assert _context_target("a striped circle", "striped") == {"what": "circle"}

@@ -101,8 +101,11 @@ def render(pipe, prompts: list[str], n: int, seed: int = 1000) -> list:
     return out
 
 
-def _context_target(prompt: str) -> dict[str, str]:
-    """What a context prompt asks for besides the concept: a background or a shape."""
+def _context_target(prompt: str, word: str = "") -> dict[str, str]:
+    """What a context prompt asks for besides the concept (`word`, removed first, so that a
+    placeholder such as 'purple-star' is not read as a context 'star'): a background or a shape."""
+    if word:
+        prompt = prompt.replace(word, " ")
     m = re.search(r"on an? (.+?) background", prompt)
     if m:
         return {"background": m.group(1)}
@@ -137,7 +140,7 @@ class Figures:
     per_prompt: dict = field(default_factory=dict)
 
 
-def score(ev, images: list, real_feats: torch.Tensor, c: scenes.Concept, prompts: list[str], n: int) -> Figures:
+def score(ev, images: list, real_feats: torch.Tensor, c: scenes.Concept, prompts: list[str], n: int, word: str = "") -> Figures:
     feats = evaluate.features(ev, images)
     pred = evaluate.predict(ev, images)
     want = attributes(c)
@@ -145,7 +148,7 @@ def score(ev, images: list, real_feats: torch.Tensor, c: scenes.Concept, prompts
     ctx, per = [], {}
     for i, p in enumerate(prompts):
         sl = {k: v[i * n : (i + 1) * n] for k, v in pred.items()}
-        r = _rate(sl, _context_target(p))
+        r = _rate(sl, _context_target(p, word))
         per[p] = {"attribute": round(_rate(sl, want), 4), "context": None if r is None else round(r, 4)}
         if r is not None:
             ctx.append(r)
@@ -195,8 +198,8 @@ def measure(c: scenes.Concept, model: str, ev, recipe: Recipe, n: int = 96, seed
         k = None if contexts else 1
         p_learned = prompts_for(c, c.name)[:k]
         p_init = prompts_for(c, recipe.initializer or c.initializer)[:k]
-        learned = score(ev, render(learned_pipe, p_learned, n), real_feats, c, p_learned, n)
-        base = score(ev, render(base_pipe, p_init, n), real_feats, c, p_init, n)
+        learned = score(ev, render(learned_pipe, p_learned, n), real_feats, c, p_learned, n, c.name)
+        base = score(ev, render(base_pipe, p_init, n), real_feats, c, p_init, n, recipe.initializer or c.initializer)
         p_plain = plain_context_prompts(c) if contexts else []
         plain = score(ev, render(base_pipe, p_plain, n), real_feats, c, p_plain, n) if p_plain else Figures(0.0, None, None)
         ceiling, other = real_figures(ev, c, real_feats, n)
