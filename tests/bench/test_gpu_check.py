@@ -19,7 +19,7 @@ def test_gpu_check_cpu_path_runs_every_step(tmp_path):
     r = subprocess.run(["bash", "bench/gpu-check.sh", str(out), "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + (out / "gpu-check.log").read_text()[-3000:]
     steps = {s["step"]: s for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
-    assert set(steps) == {"env", "smoke-train", "train", "generate"} and all(s["exit"] == 0 for s in steps.values())
+    assert set(steps) == {"env", "smoke-train", "train", "generate", "train-sdxl"} and all(s["exit"] == 0 for s in steps.values())
 
     env = json.loads((out / "env.json").read_text())
     assert env["device"] == "cpu" and env["torch"]
@@ -31,4 +31,7 @@ def test_gpu_check_cpu_path_runs_every_step(tmp_path):
     gen = [json.loads(line) for line in (out / "generate.jsonl").read_text().splitlines()]
     assert {r["config"].get("impl") for r in gen if r["name"] == "generate_images_per_second"} >= {"tinv", "diffusers"}
     assert any(r["name"] == "grid_images_per_second" for r in gen)
+    xl = [json.loads(line) for line in (out / "train-sdxl.jsonl").read_text().splitlines()]
+    assert {r["config"]["model"] for r in xl if "model" in r.get("config", {})} == {"tiny-xl"}
+    assert {r["config"]["recipe"] for r in xl if "recipe" in r.get("config", {})} == {"tinv", "naive"}
     assert "gpu-check summary" in r.stdout and "all steps passed" in r.stdout
