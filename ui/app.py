@@ -64,6 +64,17 @@ class UI:
     templates: Jinja2Templates
 
     # ------------------------------------------------------------------ helpers
+    def _cluster_extras(self, run) -> tuple[list, list, str | None]:
+        """A run's Events and log tails (cluster source only); a failure is a message on the page."""
+        events: list = []
+        if not self.source.cluster:
+            return events, [], None
+        try:
+            events = self.source.events(run)
+            return events, self.source.logs(run, LOG_TAIL), None
+        except Exception as err:  # noqa: BLE001 - the rest of the page still renders
+            return events, [], f"cannot read Events and pod logs: {err}"
+
     def render(self, request: Request, name: str, status_code: int = 200, **ctx: Any) -> Response:
         ctx.setdefault("source_label", self.source.label)
         ctx.setdefault("cluster", self.source.cluster)
@@ -133,13 +144,7 @@ class UI:
             for mode in ("continue", "fork")
             if c["uuid"]
         ]
-        events, logs, cluster_error = [], [], None
-        if self.source.cluster:
-            try:
-                events = self.source.events(run)
-                logs = self.source.logs(run, LOG_TAIL)
-            except Exception as err:  # noqa: BLE001
-                cluster_error = f"cannot read Events and pod logs: {err}"
+        events, logs, cluster_error = self._cluster_extras(run)
         return self.render(
             request,
             "job.html",
@@ -217,13 +222,7 @@ class UI:
                 view.problem = view.problem or run.problem
             except StorageError as err:  # e.g. an endpoint outside the operator's policy
                 view = StorageView(problem=str(err))
-        events, logs, cluster_error = [], [], None
-        if self.source.cluster:
-            try:
-                events = self.source.events(run)
-                logs = self.source.logs(run, LOG_TAIL)
-            except Exception as err:  # noqa: BLE001
-                cluster_error = f"cannot read Events and pod logs: {err}"
+        events, logs, cluster_error = self._cluster_extras(run)
         spec = (run.doc or {}).get("spec") or {}
         return self.render(
             request,
