@@ -54,6 +54,22 @@ def test_training_is_deterministic_and_resumes(micro_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_stages_run_apart_give_the_same_model_and_say_how_to_redo_them(micro_run, tmp_path):
+    apart = tmp_path / "apart"
+    base = ["train", str(apart), "--micro", "--seed", "3", "--steps", MICRO_STEPS]
+    # clip and evaluator alone (as two processes side by side would): no model yet, no manifest.
+    assert cli.main(base + ["--stages", "clip,evaluator"]) == 0
+    assert not (apart / "model").exists() and not (apart / "manifest.json").exists()
+    assert cli.main(base + ["--threads", "2"]) == 0
+    m = json.loads((apart / "manifest.json").read_text())
+    assert {k: r["threads"] for k, r in m["stages"].items()} == {"clip": 1, "evaluator": 1, "vae": 2, "unet": 2}
+    assert m["reproduce"].count("python -m tinv.trainer.world train OUT") == 2
+    assert "--threads 1 --stages clip,evaluator" in m["reproduce"] and "--threads 2 --stages vae,unet" in m["reproduce"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(apart), "--stages", "clip,unte"])
+
+
+@pytest.mark.slow
 def test_install_writes_a_manifest_the_check_accepts(micro_run, tmp_path):
     dest = weights.install(micro_run, tmp_path / "weights")
     assert weights.available(dest) and weights.mismatches(dest) == []

@@ -24,6 +24,28 @@ def _steps(text: str) -> dict[str, int]:
     return steps
 
 
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(filter(None, text.split(",")))
+    bad = [n for n in names if n not in train.STAGES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--stages: unknown stage {bad[0]!r}; stages: {', '.join(train.STAGES)}")
+    return names
+
+
+def _reproduce(a: argparse.Namespace, cfg: train.Config, records: dict[str, dict]) -> str:
+    """The command(s) that redo this run without a budget: one per thread count the stages used."""
+    tail = f" --pool {cfg.pool}" + (" --micro" if a.micro else "") + (f" --device {a.device}" if a.device != "cpu" else "")
+    steps = ",".join(f"{k}={r['steps']}" for k, r in records.items())
+    by_threads: dict[int, list[str]] = {}
+    for k, r in records.items():
+        by_threads.setdefault(r.get("threads", a.threads), []).append(k)
+    return " && ".join(
+        f"python -m tinv.trainer.world train OUT --seed {a.seed} --steps {steps} --threads {n}"
+        + ("" if len(by_threads) == 1 else f" --stages {','.join(names)}") + tail
+        for n, names in by_threads.items()
+    )
+
+
 def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     out = Path(a.out)
     cfg = train.Config(out=out, seed=a.seed, steps=a.steps, budget_minutes=a.budget_minutes,
@@ -34,12 +56,15 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     if a.micro:
         cfg.pool, cfg.batch, cfg.checkpoint_every, cfg.vae_check_every = 64, {k: 4 for k in cfg.batch}, 10**9, 2
     t0 = time.time()
-    records = train.train(cfg)
+    records = train.train(cfg, stages=a.stages)
+    if set(records) != set(train.STAGES):
+        # Only some stages asked for (e.g. clip and evaluator in two processes side by side): no model yet.
+        print(json.dumps({"out": str(out), "stages": records}))
+        return 0
     shutil.copy2(cfg.stage_dir("evaluator") / "evaluator.safetensors", out / "evaluator.safetensors")
     manifest = {
         "command": "python -m tinv.trainer.world " + shlex.join(argv),
-        "reproduce": "python -m tinv.trainer.world train OUT --seed {} --steps {} --pool {} --threads {}{}".format(
-            a.seed, ",".join(f"{k}={r['steps']}" for k, r in records.items()), cfg.pool, a.threads, " --micro" if a.micro else "") + (f" --device {a.device}" if a.device != "cpu" else ""),
+        "reproduce": _reproduce(a, cfg, records),
         "seed": a.seed,
         "sizes": cfg.sizes.as_dict(),
         "pool": cfg.pool,
@@ -84,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda; the seed fixes every draw, the device the arithmetic")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")
+    t.add_argument("--stages", type=_stages, default=train.STAGES,
+                   help="only these stages, e.g. clip,evaluator (independent: two processes can run them side by side)")
     t.add_argument("--micro", action="store_true", help="a micro model and pool (tests: seconds)")
     i = sub.add_parser("install", help="copy a finished run into the package's weights/ with its manifest")
     i.add_argument("run")

@@ -134,7 +134,9 @@ def _done(cfg: Config, stage: str) -> dict | None:
 
 
 def _mark_done(cfg: Config, stage: str, steps: int, seconds: float, **extra) -> dict:
-    info = {"stage": stage, "steps": steps, "planned_steps": cfg.steps[stage], "seconds": round(seconds, 1), **extra}
+    # The thread count is part of the recipe: a stage reproduces bit for bit only with the same count.
+    info = {"stage": stage, "steps": steps, "planned_steps": cfg.steps[stage], "seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(), **extra}
     (cfg.stage_dir(stage) / "done.json").write_text(json.dumps(info, indent=2))
     return info
 
