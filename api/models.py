@@ -8,6 +8,7 @@ Python and camelCase in YAML. Every field's description says what it means and i
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
@@ -100,6 +101,21 @@ class ModelSource(Model):
     )
 
 
+#: SDXL-sized models recognised by name alone (the operator never reads the weights): SDXL's own
+#: ids ('stabilityai/stable-diffusion-xl-base-1.0', 'stabilityai/sdxl-turbo'), the common fine-tunes
+#: ('.../Juggernaut-XL-v9', '.../RealVisXL_V4.0', '.../animagine-xl-3.1') and builtin:sdxl-random.
+#: builtin:tiny-xl is SDXL's architecture at toy size, so it is not SDXL-sized.
+_SDXL_NAME = re.compile(r"sdxl|(?<![a-z])xl(?![a-z])|(?<=[a-z])xl(?=[-_./]|$)", re.IGNORECASE)
+
+
+def sdxl_sized(source: str) -> bool:
+    """Whether a model source names an SDXL-sized model (the operator's SDXL resource defaults)."""
+    if source.startswith("builtin:"):
+        return source.split("?", 1)[0] == "builtin:sdxl-random"
+    # a hub id is owner/name; for a folder only its last two parts name the model (not the bucket)
+    return bool(_SDXL_NAME.search("/".join(source.rstrip("/").split("/")[-2:])))
+
+
 class Toleration(Model):
     """A pod toleration, as in core/v1."""
 
@@ -137,11 +153,11 @@ class Resources(Model):
         description="CoreWeave region (node label topology.kubernetes.io/region), e.g. ORD1, LAS1, LGA1; default: the operator's default region, if any.",
     )
     cpu: str | None = Field(default=None, pattern=QUANTITY, description="CPU request and limit per worker, e.g. '8'; default: unset.")
-    memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit per worker, e.g. '48Gi'; default: unset.")
+    memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit per worker, e.g. '48Gi'; default: unset, or the operator's SDXL default (64Gi) for an SDXL-sized model on GPUs.")
     shared_memory: str | None = Field(
         default=None,
         pattern=QUANTITY,
-        description="Size limit of the memory-backed /dev/shm volume, e.g. '16Gi'; default: no limit beyond the pod's memory.",
+        description="Size limit of the memory-backed /dev/shm volume, e.g. '16Gi'; default: no limit beyond the pod's memory, or the operator's SDXL default (16Gi) for an SDXL-sized model on GPUs.",
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Pod tolerations; default none.")
     node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] = Field(

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tinv.api.models import API_VERSION, GRID_KIND, PLURALS, RESOURCES, TIJOB_KIND, Annotation, ExitCode, Model
+from tinv.api.models import API_VERSION, GRID_KIND, PLURALS, RESOURCES, TIJOB_KIND, Annotation, ExitCode, Model, sdxl_sized
 from tinv.api.storage import pvc_claims
 
 from . import kueue as K
@@ -183,6 +183,11 @@ def effective(model: Any, config: OperatorConfig) -> Effective:
     if not resources.get("image"):
         resources["image"] = config.image
         defaulted.add("resources.image")
+    if gpus > 0 and sdxl_sized(spec["model"]["source"]):
+        for field_, value in (("memory", config.sdxl_memory), ("sharedMemory", config.sdxl_shared_memory)):
+            if not resources.get(field_) and value:
+                resources[field_] = value
+                defaulted.add(f"resources.{field_}")
     run_policy = spec.setdefault("runPolicy", {})
     if run_policy.get("activeDeadlineSeconds") is None and gpus > 0:
         run_policy["activeDeadlineSeconds"] = DEFAULT_GPU_DEADLINE_SECONDS

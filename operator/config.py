@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+import re
 from typing import Any, Mapping
+
+from tinv.api.models import QUANTITY
 
 DEFAULT_GPU_CLASS_LABEL = "gpu.nvidia.com/class"
 DEFAULT_REGION_LABEL = "topology.kubernetes.io/region"
@@ -59,6 +62,11 @@ class OperatorConfig:
     hf_token_secret: str | None = None
     hf_token_key: str = "token"
     model_cache_claim: str | None = None
+    # SDXL-sized models (tinv.api.models.sdxl_sized) on GPUs: memory per worker and /dev/shm size when
+    # the resource sets none. Loading SDXL's ~7 GB of weights and its data loader's workers need more
+    # than a node's default share; None leaves the resource's values (or none) as they are.
+    sdxl_memory: str | None = "64Gi"
+    sdxl_shared_memory: str | None = "16Gi"
     # pods
     worker_service_account: str | None = None
     run_as_user: int = 1000
@@ -122,6 +130,8 @@ _FLAGS: list[tuple[str, str, str, Any, str]] = [
     ("--hf-token-secret", "hf_token_secret", "TINV_HF_TOKEN_SECRET", str, "default Secret with a Hugging Face token for pods, NAME or NAME:KEY (key default 'token')"),
     ("--hf-token-key", "hf_token_key", "TINV_HF_TOKEN_KEY", str, "key of the Hugging Face token in that Secret"),
     ("--model-cache-claim", "model_cache_claim", "TINV_MODEL_CACHE_CLAIM", str, "default PersistentVolumeClaim mounted as the model cache"),
+    ("--sdxl-memory", "sdxl_memory", "TINV_SDXL_MEMORY", str, "memory per worker for SDXL-sized models on GPUs when resources.memory is unset ('none': no default)"),
+    ("--sdxl-shared-memory", "sdxl_shared_memory", "TINV_SDXL_SHARED_MEMORY", str, "/dev/shm size for SDXL-sized models on GPUs when resources.sharedMemory is unset ('none': no default)"),
     ("--worker-service-account", "worker_service_account", "TINV_WORKER_SERVICE_ACCOUNT", str, "ServiceAccount of worker pods (its token is never mounted)"),
     ("--run-as-user", "run_as_user", "TINV_RUN_AS_USER", int, "uid (and gid) worker pods run as"),
     ("--termination-grace-seconds", "termination_grace_seconds", "TINV_TERMINATION_GRACE_SECONDS", int, "time a worker gets to checkpoint after SIGTERM"),
@@ -230,6 +240,9 @@ def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = Non
         values["cluster_scan"] = True
     if values.get("log_level"):
         values["log_level"] = str(values["log_level"]).upper()
+    for attr in ("sdxl_memory", "sdxl_shared_memory"):
+        if str(values.get(attr, "")).lower() == "none":
+            values[attr] = None
     hf = values.get("hf_token_secret")
     if hf and ":" in hf:
         values["hf_token_secret"], values["hf_token_key"] = hf.split(":", 1)
@@ -254,6 +267,9 @@ def check(config: OperatorConfig) -> list[str]:
         problems.append("leader election needs 0 < --retry-period < --renew-deadline < --lease-duration")
     if config.leader_election and not config.leader_election_namespace:
         problems.append("--leader-election needs --leader-election-namespace (or POD_NAMESPACE)")
+    for flag, value in (("--sdxl-memory", config.sdxl_memory), ("--sdxl-shared-memory", config.sdxl_shared_memory)):
+        if value is not None and not re.fullmatch(QUANTITY, value):
+            problems.append(f"{flag} must be a Kubernetes quantity such as 64Gi, or 'none'")
     if config.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
         problems.append("--image-pull-policy must be Always, IfNotPresent or Never")
     return problems

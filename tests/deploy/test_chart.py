@@ -85,6 +85,20 @@ def test_secrets_reach_the_operator_only_by_reference(helm):
     assert "value" not in aws["AWS_ACCESS_KEY_ID"]
 
 
+def test_sdxl_defaults_reach_the_operator_and_the_operator_reads_them(helm):
+    from tinv.operator.config import from_args
+
+    def operator_env(*settings):
+        docs = _docs(_template(helm, *settings))
+        c = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+    env = operator_env()
+    assert (env["TINV_SDXL_MEMORY"], env["TINV_SDXL_SHARED_MEMORY"]) == ("64Gi", "16Gi")
+    c = from_args([], env=operator_env("defaults.sdxl.memory=96Gi", "defaults.sdxl.sharedMemory=none"))
+    assert (c.sdxl_memory, c.sdxl_shared_memory) == ("96Gi", None)
+
+
 @pytest.mark.parametrize(
     "setting,fragment",
     [
@@ -94,6 +108,7 @@ def test_secrets_reach_the_operator_only_by_reference(helm):
         ("defaults.storage.uri=gs://bucket", "uri"),
         ("watchNamespaces={Team_A}", "watchNamespaces"),
         ("unknownValue=1", "unknownValue"),
+        ("defaults.sdxl.memory=lots", "memory"),
     ],
 )
 def test_wrong_values_fail_with_a_clear_message(helm, setting, fragment):

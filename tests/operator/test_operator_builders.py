@@ -390,3 +390,46 @@ def test_uris_that_can_never_work_are_refused_naming_the_field(uri):
 @pytest.mark.parametrize("uri", ["s3://bucket", "s3://bucket/x", "file:///abs", "pvc://claim/p", "tinv-runs", "./runs", "C:/data", "/abs/path"])
 def test_uris_that_can_work_pass(uri):
     assert validate_document(job_doc(storage={"uri": uri}))[1] == []
+
+
+# --------------------------------------------------------------------------- issue 16: SDXL defaults
+
+SDXL = {"source": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
+def test_sdxl_gpu_jobs_get_memory_and_shared_memory_defaults():
+    job = B.build_job(B.TIJOB, eff(job_doc(model=SDXL)), CFG)
+    limits = container(job)["resources"]["limits"]
+    assert limits["memory"] == CFG.sdxl_memory == "64Gi"
+    shm = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"resources.memory", "resources.sharedMemory"} <= eff(job_doc(model=SDXL)).defaulted
+    grid = B.build_job(B.GRID, eff(grid_doc(model={"source": "builtin:sdxl-random"})), CFG)
+    assert container(grid)["resources"]["limits"]["memory"] == "64Gi"
+
+
+def test_sdxl_defaults_leave_the_resources_own_values_sd_cpu_and_toy_models_alone():
+    own = {"gpusPerWorker": 1, "memory": "100Gi", "sharedMemory": "32Gi"}
+    job = B.build_job(B.TIJOB, eff(job_doc(model=SDXL, resources=own)), CFG)
+    assert container(job)["resources"]["limits"]["memory"] == "100Gi"
+    assert next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "32Gi"
+    for doc in (job_doc(), job_doc(model=SDXL, resources={"gpusPerWorker": 0}), job_doc(model={"source": "builtin:tiny-xl"})):
+        job = B.build_job(B.TIJOB, eff(doc), CFG)
+        assert "memory" not in json.dumps(container(job)["resources"])
+        assert "sizeLimit" not in json.dumps(job["spec"]["template"]["spec"]["volumes"])
+    off = B.build_job(B.TIJOB, eff(job_doc(model=SDXL), CFG.replace(sdxl_memory=None, sdxl_shared_memory=None)), CFG)
+    assert "memory" not in json.dumps(container(off)["resources"])
+    # an operator default is not a spec change
+    assert eff(job_doc(model=SDXL)).spec_hash == eff(job_doc(model=SDXL), CFG.replace(sdxl_memory="80Gi")).spec_hash
+
+
+@pytest.mark.parametrize("source, sized", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", True), ("stabilityai/sdxl-turbo", True),
+    ("RunDiffusion/Juggernaut-XL-v9", True), ("SG161222/RealVisXL_V4.0", True), ("s3://models/team/sdxl-base/", True),
+    ("builtin:sdxl-random?seed=2", True), ("runwayml/stable-diffusion-v1-5", False), ("builtin:tiny-xl", False),
+    ("s3://xl-bucket/models/sd15", False), ("file:///data/excel/pixlart", False),
+])
+def test_sdxl_sized_models_are_recognised_by_name(source, sized):
+    from tinv.api.models import sdxl_sized
+
+    assert sdxl_sized(source) is sized

@@ -89,3 +89,11 @@ def test_operator_never_imports_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert not (REPO / "operator" / "__init__.py").exists()
+
+
+def test_sdxl_defaults_from_the_chart_flags_or_none():
+    assert (from_args(["-n", "a"], env={}).sdxl_memory, from_args(["-n", "a"], env={}).sdxl_shared_memory) == ("64Gi", "16Gi")
+    c = from_args(["-n", "a", "--sdxl-memory", "96Gi"], env={"TINV_SDXL_SHARED_MEMORY": "none"})
+    assert (c.sdxl_memory, c.sdxl_shared_memory) == ("96Gi", None)
+    with pytest.raises(SystemExit):
+        from_args(["-n", "a", "--sdxl-memory", "lots"], env={})
