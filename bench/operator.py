@@ -162,6 +162,8 @@ def stop_profiler(spy: subprocess.Popen, out: str, top: int = 15) -> None:
     total = 0
     for line in Path(out).read_text().splitlines() if Path(out).exists() else []:
         stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue  # py-spy ends the file with a partial line when stopped
         frame = stack.rsplit(";", 1)[-1]
         own[frame] = own.get(frame, 0) + int(count)
         total += int(count)

@@ -201,11 +201,17 @@ class Reconciler:
             self.reg.set_facts(key, facts)
             raise Retry(hold[1], hold[2])
         generation = eff.model.metadata.generation or 0
-        # the record goes first: if the operator dies after creating the Job, the next one knows
-        self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None})
-        facts.record = {"jobGeneration": generation, "jobUid": None}
-        self.reg.set_facts(key, facts)  # status shows "creating" at once
-        created = self._create_children(kind, eff, resolved, uid)
+        with self.reg.lock:
+            self.reg.creating += 1
+        try:
+            # the record goes first: if the operator dies after creating the Job, the next one knows
+            self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None})
+            facts.record = {"jobGeneration": generation, "jobUid": None}
+            self.reg.set_facts(key, facts)  # status shows "creating" at once
+            created = self._create_children(kind, eff, resolved, uid)
+        finally:
+            with self.reg.lock:
+                self.reg.creating -= 1
         self.reg.replaced.pop((ns, facts.job_name), None)
         facts.record = {"jobGeneration": generation, "jobUid": created.get("uid")}
         self.reg.set_facts(key, facts)

@@ -101,6 +101,7 @@ class Registry:
         self.missing_since: dict[Key, float] = {}
         self.dirty: set[Key] = set()
         self.inflight: set[Key] = set()
+        self.creating = 0  # reconciles creating children right now (status writes give way to them)
         self.ready = False
         self.lock = threading.RLock()
         self.on_mark: Callable[[], None] | None = None

@@ -186,38 +186,74 @@ class StatusWriter:
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         assert self._wake is not None and self.loop is not None
-        loop, reg = self.loop, self.reg
+        backlog = False
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self.config.status_batch_interval)  # coalesce a burst of events
-            if not reg.ready:
+            if not backlog:
+                await asyncio.sleep(self.config.status_batch_interval)  # coalesce a burst of events
+            if not self.reg.ready:
                 continue
-            soon = time.monotonic() - self.config.status_min_interval
+            backlog = self._dispatch()
+
+    def _dispatch(self) -> bool:
+        """Hand the due resources whose status changed to the pool, oldest write first, no more than
+        it has free threads; return whether changed ones are left waiting for a thread.
+
+        Nothing waits queued inside the pool: a write recomputes its status when a thread takes it,
+        so a resource that changed five times while the API server was slow gets one write of its
+        newest state, not five writes of stale ones; and a burst of Job creations is not slowed by
+        a queue of status writes in front of it."""
+        reg, loop = self.reg, self.loop
+        assert loop is not None and self._wake is not None
+        soon = time.monotonic() - self.config.status_min_interval
+        now = now_rfc3339()
+        with reg.lock:
+            # Creating Jobs comes first: while reconciles create children, status writes use at most
+            # a third of their threads (they coalesce meanwhile, so nothing is lost by waiting).
+            workers = self.config.status_workers if not reg.creating else max(1, self.config.status_workers // 3)
+            room = workers - len(reg.inflight)
+            ready = sorted((k for k in reg.dirty - reg.inflight if reg.last_write.get(k, 0.0) <= soon),
+                           key=lambda k: reg.last_write.get(k, 0.0))
+        backlog = False
+        for key in ready:
             with reg.lock:
-                batch = {k for k in reg.dirty - reg.inflight if reg.last_write.get(k, 0.0) <= soon}
-                reg.dirty -= batch
-                deferred = bool(reg.dirty - reg.inflight)
-            if deferred:
-                # written less than status_min_interval ago: coalesce further changes into one write
-                loop.call_later(self.config.status_min_interval, self._wake.set)
-            now = now_rfc3339()
-            for key in batch:
-                try:
-                    result = self.compute(key, now)
-                except Exception:  # noqa: BLE001 - one resource must not stop the others
-                    log.exception("computing the status of %s %s/%s failed", *key)
-                    continue
-                if result is None:
-                    continue
-                body, old, new = result
-                if merge_patch(old, new) is None:
-                    continue
+                reg.dirty.discard(key)  # before computing: a change from now on marks it again
+            try:
+                result = self.compute(key, now)
+            except Exception:  # noqa: BLE001 - one resource must not stop the others
+                log.exception("computing the status of %s %s/%s failed", *key)
+                result = None
+            changed = result is not None and merge_patch(result[1], result[2]) is not None
+            if changed and room <= 0:
+                with reg.lock:
+                    reg.dirty.add(key)  # waits for a thread; _written wakes the loop when one is free
+                backlog = True
+                break
+            if changed:
                 with reg.lock:
                     reg.inflight.add(key)
                     reg.last_write[key] = time.monotonic()
-                fut = loop.run_in_executor(self.api_pool, self.write_status, key, body, old, new)
+                room -= 1
+                fut = loop.run_in_executor(self.api_pool, self.refresh, key)
                 fut.add_done_callback(lambda f, key=key: self._written(key, f))
+        with reg.lock:
+            deferred = bool(reg.dirty - reg.inflight)
+        if deferred and not backlog:
+            # written less than status_min_interval ago: coalesce further changes into one write
+            loop.call_later(self.config.status_min_interval, self._wake.set)
+        return backlog
+
+    def refresh(self, key: Key) -> None:
+        """Compute a resource's status from the newest facts and write what changed (a pool thread)."""
+        try:
+            result = self.compute(key)
+        except Exception:  # noqa: BLE001 - one resource must not stop the others
+            log.exception("computing the status of %s %s/%s failed", *key)
+            return
+        if result is not None:
+            body, old, new = result
+            self.write_status(key, body, old, new)
 
     def _written(self, key: Key, fut: asyncio.Future) -> None:
         with self.reg.lock:
@@ -231,6 +267,6 @@ class StatusWriter:
                 self.loop.call_later(2.0, self.reg.mark, key)
             return
         with self.reg.lock:
-            pending = key in self.reg.dirty
+            pending = bool(self.reg.dirty)
         if pending and self._wake is not None:
-            self._wake.set()
+            self._wake.set()  # a thread is free: the next waiting write (or this one, changed again)

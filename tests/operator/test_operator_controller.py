@@ -19,7 +19,7 @@ from tinv.operator.config import OperatorConfig
 from tinv.operator.controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, Controller, Invalid, Retry, slim
 from tinv.operator.kube import ApiError
 from tinv.operator.metrics import Metrics
-from tinv.operator.status import SPEC_CHANGE_PENDING, job_view
+from tinv.operator.status import SPEC_CHANGE_PENDING, Facts, job_view
 
 UID = "0eae2594-1111-2222-3333-444455556666"
 NS = "team-a"
@@ -599,3 +599,64 @@ def test_grid_references_that_can_never_resolve_are_blocked_with_a_reason(env):
     put(B.TIJOB, _finished_job({"phase": "Running", "checkpoints": kept}))
     assert ctl.reconcile(B.GRID, ggrid(checkpoint=uuid)) == "waiting"
     assert "fails when the job finishes" in ctl.facts[(B.GRID, NS, "g")].waiting[1]
+
+
+def test_a_slow_apiserver_gets_at_most_status_workers_writes_each_of_the_newest_state(tmp_path):
+    """Issue 14 at scale: status writes never queue in the pool with states computed long ago. With
+    the API server stalled, only --status-workers writes are in flight; a resource that changes
+    meanwhile gets one write of its newest state once a thread is free, not one per change."""
+    gate = threading.Event()
+    kube = FakeKube()
+    patches: list[tuple[str, dict]] = []
+    plain_patch = kube.merge_patch
+
+    def slow_patch(path, body):
+        gate.wait(10)
+        patches.append((path, body))
+        return plain_patch(path, body)
+
+    kube.merge_patch = slow_patch
+    cfg = OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}/runs", poll_interval=60,
+                         status_batch_interval=0.0, status_min_interval=0.0, status_workers=2)
+    ctl = Controller(cfg, kube, Metrics.create(CollectorRegistry()))
+    idx = {IDX_RESOURCES[B.TIJOB]: {}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
+    ctl.indices, ctl.ready = idx, True
+    keys = []
+    for i in range(6):
+        body = tijob(name=f"r{i}", uid=f"0000000{i}-1111-2222-3333-444455556666")
+        idx[IDX_RESOURCES[B.TIJOB]][(NS, f"r{i}")] = [slim(body)]
+        kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/r{i}"] = copy.deepcopy(body)
+        keys.append((B.TIJOB, NS, f"r{i}"))
+
+    async def run():
+        ctl.status.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(ctl.status.run())
+        for key in keys:  # each resource waits for a pod that has not shown yet
+            ctl.registry.set_facts(key, Facts(kind=B.TIJOB, job_name=f"{key[2]}-train", generation=1, invalid="first"))
+        await asyncio.sleep(0.3)
+        assert len(ctl.registry.inflight) == 2  # two threads, two writes; nothing queued behind them
+        for key in keys:  # everything changes again while the API server is stalled
+            ctl.registry.set_facts(key, Facts(kind=B.TIJOB, job_name=f"{key[2]}-train", generation=1, invalid="second"))
+        await asyncio.sleep(0.1)
+        gate.set()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not ctl.registry.dirty and not ctl.registry.inflight:
+                break
+        task.cancel()
+
+    try:
+        asyncio.run(run())
+    finally:
+        gate.set()
+        ctl.api_pool.shutdown(wait=False)
+        ctl.reader.close()
+        ctl.event_pool.shutdown(wait=False)
+    per = {}
+    for path, body in patches:
+        per.setdefault(path.rsplit("/", 2)[-2], []).append(json.dumps(body))
+    assert len(per) == 6
+    # the two resources written first were written again with the change; the other four once, already the newest
+    assert sorted(len(v) for v in per.values()) == [1, 1, 1, 1, 2, 2]
+    for name, bodies in per.items():
+        assert "second" in bodies[-1], (name, bodies)
