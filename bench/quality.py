@@ -48,6 +48,30 @@ def parse_recipes(text: str):
     return out
 
 
+def _f(v) -> str:
+    return "—" if v is None or v != v else f"{v:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The result rows as one Markdown line per concept and recipe (what the README quotes)."""
+    out = ["| concept | recipe | fidelity learned / initializer / real (real vs other) | fraction of the way | counts "
+           "| attribute learned / initializer / real | prompt fidelity learned / plain words (ratio) |",
+           "|---|---|---|---|---|---|---|"]
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        by.setdefault((r["config"]["concept"], r["config"]["recipe"]), {})[r["name"]] = r
+    for (concept, recipe), m in by.items():
+        f = m["concept_fidelity_fraction"]["raw"]
+        a = (m.get("attribute_accuracy") or {}).get("raw") or {}
+        p = (m.get("prompt_fidelity_ratio") or {}).get("raw") or {}
+        out.append(
+            f"| {concept} | {recipe} | {_f(f['learned'])} / {_f(f['initializer'])} / {_f(f['real'])} ({_f(f['real_vs_other_concepts'])}) "
+            f"| {_f(f['fraction'])} | {'yes' if m['concept_fidelity_fraction']['counts'] else 'no'} "
+            f"| {_f(a.get('learned'))} / {_f(a.get('initializer'))} / {_f(a.get('real'))} "
+            f"| {_f(p.get('learned'))} / {_f(p.get('plain_words'))} ({_f(p.get('ratio'))}) |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:shapes", help="base model (default builtin:shapes)")
@@ -85,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"concept": name, "recipe": recipe.label(), "per_prompt": m["per_prompt"],
                               "train_seconds": m["train_seconds"], "seconds": round(time.monotonic() - t0, 1)}), file=sys.stderr)
     res.close()
+    print(table(res.rows), file=sys.stderr)
     return 0
 
 
