@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap over all stages (default: none)")
     t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
-                   help="steps per stage, e.g. clip=300,vae=6000,evaluator=1500,unet=5500 (the default)")
+                   help="steps per stage, e.g. clip=300,evaluator=3000,vae=6000,unet=5500 (the default)")
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda; the seed fixes every draw, the device the arithmetic")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")

@@ -43,10 +43,11 @@ from . import nets, scenes
 log = logging.getLogger("tinv.world")
 
 STAGES = ("clip", "evaluator", "vae", "unet")
-# Steps of a full run (about 2 hours on 2 free cores) and each stage's share of a wall budget.
-# Sized from step times measured on one free core (clip 1.2 s, vae 0.25 s on 32 px crops,
-# evaluator 0.6 s, unet 0.7 s a step): about 110 minutes.
-FULL_STEPS = {"clip": 300, "evaluator": 1500, "vae": 6000, "unet": 5500}
+# Steps of a full run and each stage's share of a wall budget. Measured on 2 cores (2026-12-02,
+# bench/README.md): clip 6 min and evaluator 30 min (one thread) beside the VAE, 31 min (one
+# thread); then the UNet, 57 min on two threads: about 94 minutes in all. 1,500 evaluator steps
+# read "what" (shape or mark) only 81 % right on fresh scenes; 3,000 read 99.4 %.
+FULL_STEPS = {"clip": 300, "evaluator": 3000, "vae": 6000, "unet": 5500}
 BUDGET_SHARE = {"clip": 0.05, "evaluator": 0.09, "vae": 0.26, "unet": 0.60}
 BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
 POOL = 12000  # scenes whose latents the UNet trains on
