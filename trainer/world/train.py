@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -127,7 +128,11 @@ def _pool(cfg: Config) -> tuple[list[scenes.Scene], np.ndarray]:
             return sc, arr
     t = time.monotonic()
     arr = scenes.render_array(sc)
-    np.save(cache, arr)
+    # atomically: two processes running different stages side by side may both render it
+    tmp = cache.with_name(f"pool.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, cache)
     _log(cfg, stage="pool", scenes=len(sc), seconds=round(time.monotonic() - t, 1))
     return sc, arr
 
