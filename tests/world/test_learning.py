@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tinv.trainer import data
+from tinv.trainer import objective
 from tinv.trainer.world import evaluate, quality, scenes, weights
 
 # TINV_SHAPES_RUN points at a training run (a folder with model/, evaluator.safetensors and
 # manifest.json) to test that instead of the shipped weights.
 ROOT = Path(os.environ.get("TINV_SHAPES_RUN") or weights.WEIGHTS)
 MODEL = str(ROOT / "model") if os.environ.get("TINV_SHAPES_RUN") else "builtin:shapes"
-CONCEPT = scenes.concept("det-logo")
+CONCEPT = scenes.concept("green-triangle")
 RECIPE = quality.Recipe(steps=200, learning_rate=5e-3, images=8)
 N = 24
 MARGIN = 0.1
@@ -28,10 +28,16 @@ pytestmark = pytest.mark.skipif(not (ROOT / "manifest.json").exists(),
 def _fidelity(monkeypatch=None, broken: bool = False) -> dict:
     ev = evaluate.load_evaluator(ROOT)
     if broken:
-        # A test double of a broken trainer: templates lose the placeholder, so the prompts the text
-        # encoder sees never contain the new token and its vector gets no gradient.
-        monkeypatch.setattr(data.Dataset, "prompt", lambda self, image, template: self.templates[self.concept[image]][
-            template % len(self.templates[self.concept[image]])].replace("{}", "thing"))
+        # A test double of a broken trainer: the prompts it trains on lose the placeholder (the
+        # prompt check before training still sees correct templates), so the text encoder never
+        # sees the new token and its vector gets no gradient.
+        real_sample = objective.Stream.sample
+
+        def sample(self, k):
+            img, flip, prompt = real_sample(self, k)
+            return img, flip, prompt.replace(self.ds.tokens[self.ds.concept[img]], "thing")
+
+        monkeypatch.setattr(objective.Stream, "sample", sample)
     return quality.measure(CONCEPT, MODEL, ev, RECIPE, n=N, contexts=False)["fidelity"]
 
 
