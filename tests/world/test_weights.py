@@ -27,3 +27,11 @@ def test_the_weights_are_small_and_say_how_they_were_made():
     assert m["reproduce"].startswith("python -m tinv.trainer.world train OUT --seed ")
     assert {"torch", "diffusers", "transformers"} <= set(m["versions"])
     assert all(r["steps"] > 0 for r in m["stages"].values())
+
+
+def test_every_weights_file_has_a_manifest_beside_it_naming_its_digest():
+    want = json.loads((weights.WEIGHTS / weights.MANIFEST).read_text())["files"]
+    for f in weights.WEIGHTS.rglob("*.safetensors"):
+        beside = json.loads((f.parent / weights.MANIFEST).read_text())
+        assert beside["files"][f.name] == want[f.relative_to(weights.WEIGHTS).as_posix()]
+        assert beside["command"].startswith("python -m tinv.trainer.world train ") and "seed" in beside

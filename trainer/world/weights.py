@@ -65,6 +65,13 @@ def install(run: Path, dest: Path = WEIGHTS) -> Path:
     shutil.copy2(run / "evaluator.safetensors", tmp / "evaluator.safetensors")
     record["files"] = digests(tmp)
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Beside every weights file, a manifest naming it: a reader of one component folder sees how
+    # it was made without the top-level one (which lists every file of the install).
+    for folder in sorted({f.parent for f in tmp.rglob("*.safetensors")} - {tmp}):
+        here = {f.name: h for f, h in ((tmp / k, h) for k, h in record["files"].items()) if f.parent == folder}
+        part = {k: record[k] for k in ("command", "reproduce", "seed", "versions") if k in record}
+        part.update(files=here, whole=f"{'../' * len(folder.relative_to(tmp).parts)}{MANIFEST}")
+        (folder / MANIFEST).write_text(json.dumps(part, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
