@@ -219,11 +219,7 @@ class StatusWriter:
         for key in ready:
             with reg.lock:
                 reg.dirty.discard(key)  # before computing: a change from now on marks it again
-            try:
-                result = self.compute(key, now)
-            except Exception:  # noqa: BLE001 - one resource must not stop the others
-                log.exception("computing the status of %s %s/%s failed", *key)
-                result = None
+            result = self._compute_or_log(key, now)
             changed = result is not None and merge_patch(result[1], result[2]) is not None
             if changed and room <= 0:
                 with reg.lock:
@@ -244,13 +240,16 @@ class StatusWriter:
             loop.call_later(self.config.status_min_interval, self._wake.set)
         return backlog
 
-    def refresh(self, key: Key) -> None:
-        """Compute a resource's status from the newest facts and write what changed (a pool thread)."""
+    def _compute_or_log(self, key: Key, now: str | None = None):
         try:
-            result = self.compute(key)
+            return self.compute(key, now)
         except Exception:  # noqa: BLE001 - one resource must not stop the others
             log.exception("computing the status of %s %s/%s failed", *key)
-            return
+            return None
+
+    def refresh(self, key: Key) -> None:
+        """Compute a resource's status from the newest facts and write what changed (a pool thread)."""
+        result = self._compute_or_log(key)
         if result is not None:
             body, old, new = result
             self.write_status(key, body, old, new)
