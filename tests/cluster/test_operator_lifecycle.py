@@ -92,8 +92,10 @@ def test_spec_changes_after_start(env: OpEnv):
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert job["spec"]["suspend"] is True
     env.patch("tijob", "change", {"spec": {"runPolicy": {"suspend": False}}})
-    obj = _running(env, "change")
-    assert condition(obj, C.ACCEPTED)["reason"] == R.VALID
+    # the status may still show the pre-suspend run (writes are paced): wait for the new Job's,
+    # which runs with the change applied and no notice left
+    env.wait_status("tijob", "change", lambda s: s.get("phase") == "Running" and condition({"status": s}, C.ACCEPTED).get("reason") == R.VALID,
+                    60, "Running the replaced Job with the change accepted")
 
 
 def test_deletion_removes_children_and_keeps_outputs(env: OpEnv):
