@@ -9,7 +9,7 @@ import pytest
 
 from tinv.trainer.world import cli, weights
 
-MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4"
+MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4,refine=3"
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def test_a_micro_run_writes_a_folder_stable_diffusion_loads(micro_run):
     assert b.vae_scale == 8 and b.prediction_type == "epsilon"
     assert b.vae.config.scaling_factor != 1.0  # measured from the data by the VAE stage
     m = json.loads((micro_run / "manifest.json").read_text())
-    assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4
+    assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4 and m["stages"]["refine"]["steps"] == 3
     # The VAE stage had its reconstructions read by the evaluator (the gate that ends it).
     assert m["stages"]["vae"]["checks"] and set(m["stages"]["vae"]["checks"][0]["reconstructed"]) >= {"what", "colour", "background"}
-    assert "--steps clip=3,evaluator=3,vae=3,unet=4" in m["reproduce"]
+    assert "--steps clip=3,evaluator=3,vae=3,unet=4,refine=3" in m["reproduce"]
     assert set(m["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
@@ -62,11 +62,27 @@ def test_stages_run_apart_give_the_same_model_and_say_how_to_redo_them(micro_run
     assert not (apart / "model").exists() and not (apart / "manifest.json").exists()
     assert cli.main(base + ["--threads", "2"]) == 0
     m = json.loads((apart / "manifest.json").read_text())
-    assert {k: r["threads"] for k, r in m["stages"].items()} == {"clip": 1, "evaluator": 1, "vae": 2, "unet": 2}
+    assert {k: r["threads"] for k, r in m["stages"].items()} == {"clip": 1, "evaluator": 1, "vae": 2, "unet": 2, "refine": 2}
     assert m["reproduce"].count("python -m tinv.trainer.world train OUT") == 2
-    assert "--threads 1 --stages clip,evaluator" in m["reproduce"] and "--threads 2 --stages vae,unet" in m["reproduce"]
+    assert "--threads 1 --stages clip,evaluator" in m["reproduce"] and "--threads 2 --stages vae,unet,refine" in m["reproduce"]
     with pytest.raises(SystemExit):
         cli.main(["train", str(apart), "--stages", "clip,unte"])
+
+
+@pytest.mark.slow
+def test_refine_continues_a_four_stage_run_to_the_same_model(micro_run, tmp_path):
+    later = tmp_path / "later"
+    base = ["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS]
+    assert cli.main(base + ["--stages", "clip,evaluator,vae,unet"]) == 0
+    assert not (later / "manifest.json").exists()
+    # a run made before the refine stage existed kept the first cycle only as OUT/model
+    import shutil
+
+    shutil.rmtree(later / "stages" / "unet" / "unet")
+    assert cli.main(base + ["--stages", "refine"]) == 0
+    assert weights.digests(later / "model") == weights.digests(micro_run / "model")
+    m = json.loads((later / "manifest.json").read_text())
+    assert m["stages"]["refine"]["start_digest"] == json.loads((micro_run / "manifest.json").read_text())["stages"]["refine"]["start_digest"]
 
 
 @pytest.mark.slow

@@ -56,10 +56,11 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
     if a.micro:
         cfg.pool, cfg.batch, cfg.checkpoint_every, cfg.vae_check_every = 64, {k: 4 for k in cfg.batch}, 10**9, 2
     t0 = time.time()
-    records = train.train(cfg, stages=a.stages)
+    ran = train.train(cfg, stages=a.stages)
+    records = {n: r for n in train.STAGES if (r := ran.get(n) or train.done(cfg, n))}
     if set(records) != set(train.STAGES):
-        # Only some stages asked for (e.g. clip and evaluator in two processes side by side): no model yet.
-        print(json.dumps({"out": str(out), "stages": records}))
+        # Some stages still to run (e.g. clip and evaluator in two processes side by side): no model yet.
+        print(json.dumps({"out": str(out), "stages": ran}))
         return 0
     shutil.copy2(cfg.stage_dir("evaluator") / "evaluator.safetensors", out / "evaluator.safetensors")
     manifest = {
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap over all stages (default: none)")
     t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
-                   help="steps per stage, e.g. clip=300,evaluator=3000,vae=6000,unet=5500 (the default)")
+                   help="steps per stage, e.g. clip=300,evaluator=3000,vae=6000,unet=5500,refine=2500 (the default)")
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda; the seed fixes every draw, the device the arithmetic")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")

@@ -16,6 +16,8 @@ run cut short keeps what it finished and a rerun resumes at the first unfinished
 4. ``unet``: ``UNet2DConditionModel`` on cached latents of a fixed pool of scenes, epsilon
    prediction with min-SNR-5 loss weights, 10 % empty captions (classifier-free guidance), an EMA
    of the weights; the diffusers folder ``OUT/model`` is rewritten at every checkpoint.
+5. ``refine``: a second, shorter UNet cycle from the first one's EMA (fresh optimizer, half the
+   peak learning rate, new draws). ``--stages refine`` on a finished four-stage run continues it.
 
 Determinism: every random draw comes from generators seeded by ``--seed`` and the stage, and the
 run uses one thread. ``--budget-minutes`` caps each stage's wall time at its share of the budget;
@@ -43,14 +45,14 @@ from . import nets, scenes
 
 log = logging.getLogger("tinv.world")
 
-STAGES = ("clip", "evaluator", "vae", "unet")
+STAGES = ("clip", "evaluator", "vae", "unet", "refine")
 # Steps of a full run and each stage's share of a wall budget. Measured on 2 cores (2026-12-02,
 # bench/README.md): clip 6 min and evaluator 30 min (one thread) beside the VAE, 31 min (one
 # thread); then the UNet, 57 min on two threads: about 94 minutes in all. 1,500 evaluator steps
 # read "what" (shape or mark) only 81 % right on fresh scenes; 3,000 read 99.4 %.
-FULL_STEPS = {"clip": 300, "evaluator": 3000, "vae": 6000, "unet": 5500}
-BUDGET_SHARE = {"clip": 0.05, "evaluator": 0.09, "vae": 0.26, "unet": 0.60}
-BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128}
+FULL_STEPS = {"clip": 300, "evaluator": 3000, "vae": 6000, "unet": 5500, "refine": 2500}
+BUDGET_SHARE = {"clip": 0.05, "evaluator": 0.09, "vae": 0.26, "unet": 0.42, "refine": 0.18}
+BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128, "refine": 128}
 POOL = 12000  # scenes whose latents the UNet trains on
 VAE_LR = 1.5e-3
 
@@ -137,7 +139,7 @@ def _pool(cfg: Config) -> tuple[list[scenes.Scene], np.ndarray]:
     return sc, arr
 
 
-def _done(cfg: Config, stage: str) -> dict | None:
+def done(cfg: Config, stage: str) -> dict | None:
     p = cfg.stage_dir(stage) / "done.json"
     return json.loads(p.read_text()) if p.exists() else None
 
@@ -376,14 +378,57 @@ def save_model(cfg: Config, unet, dest: Path) -> Path:
     return dest
 
 
+UNET_LR = 1e-3
+REFINE_LR = 5e-4  # a warm restart at the first cycle's peak undid much of it in a prototype; half is gentler
+
+
 def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
+    """The first UNet cycle, from fresh weights; its EMA is kept in ``stages/unet/unet``."""
+    steps, seconds, ema = _diffusion_cycle(cfg, "unet", lambda: nets.unet(cfg.sizes), UNET_LR, pool_scenes, pool_arr, budget)
+    ema.save_pretrained(str(cfg.stage_dir("unet") / "unet"))
+    return _mark_done(cfg, "unet", steps, seconds)
+
+
+def stage_refine(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
+    """A second cycle (a warm restart, as in SGDR): the first cycle's EMA, a fresh optimizer, a lower
+    peak and new draws. The first cycle's loss was still falling when its cosine schedule ended."""
+    from diffusers import UNet2DConditionModel
+
+    start = cfg.stage_dir("unet") / "unet"
+    if not start.exists():
+        # a run made before this stage existed kept the first cycle's EMA only as OUT/model, which
+        # is still exactly that until this stage first writes a checkpoint
+        if (cfg.stage_dir("refine") / "progress.json").exists():
+            raise RuntimeError(f"{start} is missing and OUT/model already holds refine checkpoints: rerun the unet stage")
+        UNet2DConditionModel.from_pretrained(str(cfg.out / "model" / "unet")).save_pretrained(str(start))
+    from safetensors.torch import load_file
+
+    def first_cycle():
+        unet = nets.unet(cfg.sizes)  # the same class and config, so that the saved folder does not name `start`
+        unet.load_state_dict(load_file(str(start / "diffusion_pytorch_model.safetensors")))
+        return unet
+
+    steps, seconds, _ = _diffusion_cycle(cfg, "refine", first_cycle, REFINE_LR, pool_scenes, pool_arr, budget)
+    return _mark_done(cfg, "refine", steps, seconds, start_digest=_sha256(start / "diffusion_pytorch_model.safetensors"))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _diffusion_cycle(cfg: Config, stage: str, make_unet, peak: float, pool_scenes, pool_arr, budget: Budget):
+    """One cosine cycle of epsilon-prediction training on the pool's cached latents (the UNet from
+    ``make_unet()``, called once the stage's seed is set, so fresh weights depend on it only); writes the
+    EMA to OUT/model at every checkpoint. Returns (steps run, seconds, the EMA on the CPU)."""
     import copy
 
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    g = _gen(cfg, "unet")
+    g = _gen(cfg, stage)
     torch.manual_seed(g.initial_seed())
-    d = cfg.stage_dir("unet")
+    d = cfg.stage_dir(stage)
     d.mkdir(parents=True, exist_ok=True)
     dev = cfg.dev
     vae = load_vae(cfg).to(dev)
@@ -391,19 +436,19 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     tok = CLIPTokenizer.from_pretrained(cfg.stage_dir("clip") / "tokenizer")
     text = CLIPTextModel.from_pretrained(cfg.stage_dir("clip") / "text_encoder").eval().requires_grad_(False).to(dev)
     mean, std = (t.to(dev) for t in _pool_latents(cfg, vae, pool_arr))
-    unet = nets.unet(cfg.sizes).to(dev)
+    unet = make_unet().to(dev)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = nets.scheduler()
     alphas = sched.alphas_cumprod
     snr = (alphas / (1 - alphas)).to(dev)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
-    total, b = cfg.steps["unet"], cfg.batch["unet"]
+    opt = torch.optim.AdamW(unet.parameters(), lr=peak, weight_decay=0.01)
+    total, b = cfg.steps[stage], cfg.batch[stage]
     t0, step = time.monotonic(), 0
     unet.train()
     for step in range(total):
         if budget.over():
             break
-        rng = _rng(cfg, "unet", step)
+        rng = _rng(cfg, stage, step)
         idx = torch.randint(0, len(pool_scenes), (b,), generator=g)
         caps = ["" if rng.random() < 0.1 else scenes.caption(pool_scenes[i], rng) for i in idx.tolist()]
         with torch.no_grad():
@@ -417,7 +462,7 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         w = (snr[t].clamp(max=5.0) / snr[t]).float()  # min-SNR-5 (epsilon target)
         loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, 1e-3, warmup=100)
+            pg["lr"] = _lr(step, total, peak, warmup=100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -427,14 +472,15 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
         if step % 10 == 0:
-            _log(cfg, stage="unet", step=step, loss=round(loss.item(), 4))
+            _log(cfg, stage=stage, step=step, loss=round(loss.item(), 4))
         if (step + 1) % cfg.checkpoint_every == 0:
             save_model(cfg, ema, cfg.out / "model")
             (d / "progress.json").write_text(json.dumps({"steps": step + 1}))
-            _log(cfg, stage="unet", checkpoint=step + 1)
+            _log(cfg, stage=stage, checkpoint=step + 1)
     steps = step + 1 if total else 0
+    ema = ema.to("cpu")
     save_model(cfg, ema, cfg.out / "model")
-    return _mark_done(cfg, "unet", steps, time.monotonic() - t0)
+    return steps, time.monotonic() - t0, ema
 
 
 # ---- the whole run --------------------------------------------------------------------------------
@@ -448,15 +494,19 @@ def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     pool_scenes, pool_arr = _pool(cfg)
     records = {}
     deadline = None if cfg.budget_minutes is None else time.monotonic() + cfg.budget_minutes * 60
-    todo = [n for n in STAGES if n in stages and not _done(cfg, n)]
+    todo = [n for n in STAGES if n in stages and not done(cfg, n)]
     for name in STAGES:
         if name not in stages:
             continue
-        done = _done(cfg, name)
-        if done:
-            records[name] = done
+        finished = done(cfg, name)
+        if finished:
+            records[name] = finished
             continue
         cfg.stage_dir(name).mkdir(parents=True, exist_ok=True)
+        if name == "unet":  # refine continues from this stage's output: a new first cycle redoes it
+            for f in ("done.json", "progress.json"):
+                (cfg.stage_dir("refine") / f).unlink(missing_ok=True)
+            todo = todo + [n for n in ("refine",) if n in stages and n not in todo]
         # A stage gets its share of what is left, so time a stage leaves unused goes to the next.
         share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[n] for n in todo[todo.index(name):])
         budget = Budget(None if deadline is None else (deadline - time.monotonic()) * share / 60)
@@ -467,7 +517,9 @@ def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             records[name] = stage_vae(cfg, pool_scenes, pool_arr, budget)
         elif name == "evaluator":
             records[name] = stage_evaluator(cfg, budget)
-        else:
+        elif name == "unet":
             records[name] = stage_unet(cfg, pool_scenes, pool_arr, budget)
+        else:
+            records[name] = stage_refine(cfg, pool_scenes, pool_arr, budget)
         _log(cfg, **records[name])
     return records
