@@ -39,9 +39,9 @@ test: setup cluster-bins
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not cluster and not e2e"
 
-# The seed's workflow, locally on the tiny built-in model: validate, train the det-logo concept
+# The seed's workflow, locally on builtin:shapes (the shipped shapes-world model): validate, train the det-logo concept
 # (checkpoints in ./tinv-runs), render a grid from its latest checkpoint, print the gallery path.
-# One thread: the tiny model is faster on one core than fighting over two.
+# One thread: the small model is faster on one core than fighting over two.
 demo: setup
 	$(VENV)/bin/tinv validate examples/*.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/tinv run examples/tiny-job.yaml --fresh

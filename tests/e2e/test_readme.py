@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# measured on the shipped builtin:shapes (see the closing lines of bench/README.md's shapes section)
+BACKGROUND_MIN = 0.5
+MARKS_MIN = 0.75
 
 
 def _first_commands() -> list[str]:
@@ -36,3 +39,20 @@ def test_make_demo_as_written(tmp_path):
     gallery = REPO / "tinv-runs" / "default" / "tiny-det-logo-grid-local" / "images" / "index.html"
     assert gallery.exists() and "demo done" in out
     assert len(list(gallery.parent.glob("p*.png"))) == 36
+    _the_gallery_shows_marks_on_the_asked_backgrounds(gallery.parent)
+
+
+def _the_gallery_shows_marks_on_the_asked_backgrounds(images: Path) -> None:
+    """The demo is a proof, not noise: the world's evaluator reads its images. The first two prompts
+    ask for the det-logo on a pink and on a black background (see examples/tiny-grid.yaml)."""
+    from PIL import Image
+
+    from tinv.trainer.world import evaluate, scenes, weights
+
+    ev = evaluate.load_evaluator(weights.WEIGHTS)
+    for index, background in ((0, "pink"), (1, "black")):
+        files = sorted(images.glob(f"p{index:03d}_*.png"))
+        pred = evaluate.predict(ev, [Image.open(f) for f in files])
+        on_bg = sum(b == background for b in pred["background"]) / len(files)
+        marks = sum(w in scenes.MARKS for w in pred["what"]) / len(files)
+        assert len(files) == 12 and on_bg >= BACKGROUND_MIN and marks >= MARKS_MIN, (background, pred)
