@@ -54,6 +54,7 @@ STAGES = ("clip", "evaluator", "vae", "unet", "refine")
 FULL_STEPS = {"clip": 300, "evaluator": 3000, "vae": 6000, "unet": 5500, "refine": 2500}
 BUDGET_SHARE = {"clip": 0.05, "evaluator": 0.09, "vae": 0.26, "unet": 0.42, "refine": 0.18}
 BATCH = {"clip": 128, "vae": 32, "evaluator": 64, "unet": 128, "refine": 128}
+REDONE_AFTER = {"unet": ("refine",)}  # a stage to redo whenever the key stage runs again
 POOL = 12000  # scenes whose latents the UNet trains on
 VAE_LR = 1.5e-3
 
@@ -393,7 +394,7 @@ def stage_unet(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
 def stage_refine(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
     """A second cycle (a warm restart, as in SGDR): the first cycle's EMA, a fresh optimizer, a lower
     peak and new draws. The first cycle's loss was still falling when its cosine schedule ended."""
-    from diffusers import UNet2DConditionModel
+    import shutil
 
     start = cfg.stage_dir("unet") / "unet"
     if not start.exists():
@@ -401,7 +402,7 @@ def stage_refine(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         # is still exactly that until this stage first writes a checkpoint
         if (cfg.stage_dir("refine") / "progress.json").exists():
             raise RuntimeError(f"{start} is missing and OUT/model already holds refine checkpoints: rerun the unet stage")
-        UNet2DConditionModel.from_pretrained(str(cfg.out / "model" / "unet")).save_pretrained(str(start))
+        shutil.copytree(cfg.out / "model" / "unet", start)
     from safetensors.torch import load_file
 
     from ..storage import sha256_file
@@ -491,6 +492,10 @@ def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     pool_scenes, pool_arr = _pool(cfg)
     records = {}
     deadline = None if cfg.budget_minutes is None else time.monotonic() + cfg.budget_minutes * 60
+    for name in (n for n in STAGES if n in stages and not done(cfg, n)):
+        for later in REDONE_AFTER.get(name, ()):  # it continues from this stage's output
+            for f in ("done.json", "progress.json"):
+                (cfg.stage_dir(later) / f).unlink(missing_ok=True)
     todo = [n for n in STAGES if n in stages and not done(cfg, n)]
     for name in STAGES:
         if name not in stages:
@@ -500,10 +505,6 @@ def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             records[name] = finished
             continue
         cfg.stage_dir(name).mkdir(parents=True, exist_ok=True)
-        if name == "unet":  # refine continues from this stage's output: a new first cycle redoes it
-            for f in ("done.json", "progress.json"):
-                (cfg.stage_dir("refine") / f).unlink(missing_ok=True)
-            todo = todo + [n for n in ("refine",) if n in stages and n not in todo]
         # A stage gets its share of what is left, so time a stage leaves unused goes to the next.
         share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[n] for n in todo[todo.index(name):])
         budget = Budget(None if deadline is None else (deadline - time.monotonic()) * share / 60)
