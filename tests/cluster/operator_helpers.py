@@ -17,16 +17,12 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from harness.procs import free_port  # noqa: F401  (re-exported for the cluster and e2e tests)
+
 REPO = Path(__file__).resolve().parents[2]
 GROUP_VERSION = "tinv.io/v1alpha1"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def now() -> str:

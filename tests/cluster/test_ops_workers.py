@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.operator_helpers import OperatorProcess, free_port, get, tijob, wait
+from cluster.operator_helpers import OperatorProcess, get, tijob, wait
 from harness.nodeagent import NodeAgent
+from harness.procs import free_port_pair
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
@@ -47,7 +48,7 @@ def env(workload_cluster, tinv_crds, tmp_path):
     ns = cp.new_namespace("ops-workers")
     store = tmp_path / "runs"
     op = OperatorProcess(cp, [ns], tmp_path / "op", storage_uri=f"file://{store}",
-                         extra=["--master-port", str(free_port()), "--termination-grace-seconds", "5"])
+                         extra=["--master-port", str(free_port_pair()), "--termination-grace-seconds", "5"])
     agent = ConcurrentAgent(cp, ns, tmp_path / "node", timeout=600)
     stop = threading.Event()
     thread = threading.Thread(target=agent.serve, args=("tinv.io/kind", stop), daemon=True)

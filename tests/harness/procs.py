@@ -28,6 +28,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p with p and p + 1 both free on ``host`` right now (the trainer's launcher puts its
+    control store on the rendezvous port + 1 by default; an ephemeral p + 1 is often taken)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind((host, port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no two consecutive free ports on {host}")
+
+
 def claim_dir(directory: Path) -> None:
     """Mark a temporary directory as owned by this process (see ``reap_stale_dirs``)."""
     (Path(directory) / "owner.pid").write_text(str(os.getpid()))

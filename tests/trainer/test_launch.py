@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from harness.procs import free_port, free_port_pair
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,6 @@ time.sleep(600)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(*args: str, **kw) -> subprocess.Popen:
@@ -53,7 +50,7 @@ def test_bad_input_exits_2_from_two_ranks(job_yaml, tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.png").write_text("not an image")
     bad = job_yaml("bad.yaml", concepts=[{"token": "cat", "initializer": "cat", "images": str(tmp_path / "junk")}])
-    p = launch("--nproc-per-node", "2", "--master-port", str(free_port()), "train", str(bad), "--no-progress", "--device", "cpu")
+    p = launch("--nproc-per-node", "2", "--master-port", str(free_port_pair()), "train", str(bad), "--no-progress", "--device", "cpu")
     _, err = p.communicate(timeout=240)
     assert p.returncode == 2, err[-3000:]  # torchrun: 1, and the Job's FailJob rule never matches
     assert "no usable images" in err
@@ -62,7 +59,7 @@ def test_bad_input_exits_2_from_two_ranks(job_yaml, tmp_path):
 def test_sigterm_reaches_every_rank_checkpoint_then_75(job_yaml, tmp_path):
     job = job_yaml(training={"steps": 100000, "checkpointEvery": 100000, "logEvery": 1, "batchSize": 1, "gradientAccumulation": 1})
     term = tmp_path / "term.json"
-    p = launch("--nproc-per-node", "2", "--master-port", str(free_port()), "train", str(job), "--no-progress", "--device", "cpu",
+    p = launch("--nproc-per-node", "2", "--master-port", str(free_port_pair()), "train", str(job), "--no-progress", "--device", "cpu",
                "--termination-message-path", str(term))
     deadline = time.monotonic() + 240
     step = 0
@@ -105,7 +102,7 @@ def test_one_failed_rank_on_one_pod_stops_every_pod_with_its_code(rank_module, c
 
 def test_a_killed_rank_is_128_plus_its_signal_and_its_sibling_is_stopped(rank_module):
     t0 = time.monotonic()
-    p = launch("--nproc-per-node", "2", "--master-port", str(free_port()), "--stop-grace", "3",
+    p = launch("--nproc-per-node", "2", "--master-port", str(free_port_pair()), "--stop-grace", "3",
                "-m", "tinv_rank_probe", "1", str(-signal.SIGKILL), env=rank_module)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGKILL, err
