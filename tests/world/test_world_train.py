@@ -9,7 +9,7 @@ import pytest
 
 from tinv.trainer.world import cli, weights
 
-MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4,refine=3"
+MICRO_STEPS = "clip=3,evaluator=3,vae=3,unet=4,refine=3,decoder=3"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,10 @@ def test_a_micro_run_writes_a_folder_stable_diffusion_loads(micro_run):
     assert m["seed"] == 3 and m["stages"]["unet"]["steps"] == 4 and m["stages"]["refine"]["steps"] == 3
     # The VAE stage had its reconstructions read by the evaluator (the gate that ends it).
     assert m["stages"]["vae"]["checks"] and set(m["stages"]["vae"]["checks"][0]["reconstructed"]) >= {"what", "colour", "background"}
-    assert "--steps clip=3,evaluator=3,vae=3,unet=4,refine=3" in m["reproduce"]
+    assert "--steps clip=3,evaluator=3,vae=3,unet=4,refine=3,decoder=3" in m["reproduce"]
+    # The decoder stage's reconstructions were read too, and its VAE is the model's.
+    assert m["stages"]["decoder"]["checks"][-1]["step"] == 3
+    assert weights.digests(micro_run / "stages" / "decoder" / "vae") == weights.digests(micro_run / "model" / "vae")
     assert set(m["versions"]) >= {"torch", "diffusers", "transformers"}
 
 
@@ -62,9 +65,9 @@ def test_stages_run_apart_give_the_same_model_and_say_how_to_redo_them(micro_run
     assert not (apart / "model").exists() and not (apart / "manifest.json").exists()
     assert cli.main(base + ["--threads", "2"]) == 0
     m = json.loads((apart / "manifest.json").read_text())
-    assert {k: r["threads"] for k, r in m["stages"].items()} == {"clip": 1, "evaluator": 1, "vae": 2, "unet": 2, "refine": 2}
+    assert {k: r["threads"] for k, r in m["stages"].items()} == {"clip": 1, "evaluator": 1, "vae": 2, "unet": 2, "refine": 2, "decoder": 2}
     assert m["reproduce"].count("python -m tinv.trainer.world train OUT") == 2
-    assert "--threads 1 --stages clip,evaluator" in m["reproduce"] and "--threads 2 --stages vae,unet,refine" in m["reproduce"]
+    assert "--threads 1 --stages clip,evaluator" in m["reproduce"] and "--threads 2 --stages vae,unet,refine,decoder" in m["reproduce"]
     with pytest.raises(SystemExit):
         cli.main(["train", str(apart), "--stages", "clip,unte"])
 
@@ -73,7 +76,7 @@ def test_stages_run_apart_give_the_same_model_and_say_how_to_redo_them(micro_run
 def test_refine_continues_a_four_stage_run_to_the_same_model(micro_run, tmp_path):
     later = tmp_path / "later"
     base = ["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS]
-    assert cli.main(base + ["--stages", "clip,evaluator,vae,unet"]) == 0
+    assert cli.main(base + ["--stages", "clip,evaluator,vae,unet,decoder"]) == 0
     assert not (later / "manifest.json").exists()
     # a run made before the refine stage existed kept the first cycle only as OUT/model
     import shutil
@@ -83,6 +86,45 @@ def test_refine_continues_a_four_stage_run_to_the_same_model(micro_run, tmp_path
     assert weights.digests(later / "model") == weights.digests(micro_run / "model")
     m = json.loads((later / "manifest.json").read_text())
     assert m["stages"]["refine"]["start_digest"] == json.loads((micro_run / "manifest.json").read_text())["stages"]["refine"]["start_digest"]
+
+
+@pytest.mark.slow
+def test_the_decoder_stage_keeps_the_encoder_and_continues_unpacked_weights(micro_run, tmp_path):
+    from safetensors.torch import load_file
+
+    model_vae = load_file(str(micro_run / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    first_vae = load_file(str(micro_run / "stages" / "vae" / "vae" / "diffusion_pytorch_model.safetensors"))
+    # the encoder (the UNet's latents) is the VAE stage's exactly; the decoder was trained on
+    assert all(model_vae[k].equal(first_vae[k]) for k in first_vae if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(model_vae[k].equal(first_vae[k]) for k in first_vae if k.startswith("decoder."))
+
+    # Weights installed before the decoder stage existed: unpack them and run only that stage.
+    older = tmp_path / "older"
+    assert cli.main(["train", str(older), "--micro", "--seed", "3", "--steps", MICRO_STEPS, "--stages", "clip,evaluator,vae,unet,refine"]) == 0
+    shipped = weights.install(_as_finished(older), tmp_path / "weights")
+    later = tmp_path / "later"
+    assert weights.unpack(shipped, later) == {"restored": ["clip", "evaluator", "refine", "vae"], "not_restored": ["unet"]}
+    assert cli.main(["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS, "--stages", "decoder"]) == 0
+    assert weights.digests(later / "model") == weights.digests(micro_run / "model")
+    m = json.loads((later / "manifest.json").read_text())
+    assert m["history"] == [json.loads((shipped / "manifest.json").read_text())["command"], f"python -m tinv.trainer.world unpack {later}"]
+    assert set(m["stages"]) == set(json.loads((micro_run / "manifest.json").read_text())["stages"])
+    # refine must not silently restart from OUT/model (it holds refine's output, not the first cycle's)
+    (later / "stages" / "refine" / "done.json").unlink()
+    with pytest.raises(RuntimeError, match="rerun the unet stage"):
+        cli.main(["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS, "--stages", "refine"])
+    with pytest.raises(FileExistsError, match="empty folder"):
+        weights.unpack(shipped, later)
+
+
+def _as_finished(run):
+    """A five-stage run's folder as `install` takes it (the manifest a five-stage version wrote)."""
+    from tinv.trainer.world import train
+
+    stages = {n: train.done(train.Config(out=run), n) for n in train.STAGES if n != "decoder"}
+    (run / "evaluator.safetensors").write_bytes((run / "stages" / "evaluator" / "evaluator.safetensors").read_bytes())
+    (run / "manifest.json").write_text(json.dumps({"command": "python -m tinv.trainer.world train OLD --seed 3", "seed": 3, "stages": stages}))
+    return run
 
 
 @pytest.mark.slow

@@ -63,8 +63,13 @@ def cmd_train(a: argparse.Namespace, argv: list[str]) -> int:
         print(json.dumps({"out": str(out), "stages": ran}))
         return 0
     shutil.copy2(cfg.stage_dir("evaluator") / "evaluator.safetensors", out / "evaluator.safetensors")
+    command = "python -m tinv.trainer.world " + shlex.join(argv)
+    earlier = json.loads((out / weights.MANIFEST).read_text()) if (out / weights.MANIFEST).exists() else {}
+    # the invocations that made the stages before this one (a run continued, or unpacked weights)
+    history = earlier.get("history", []) + ([earlier["command"]] if earlier.get("command") not in (None, command) else [])
     manifest = {
-        "command": "python -m tinv.trainer.world " + shlex.join(argv),
+        "command": command,
+        "history": history,
         "reproduce": _reproduce(a, cfg, records),
         "seed": a.seed,
         "sizes": cfg.sizes.as_dict(),
@@ -87,6 +92,11 @@ def cmd_install(a: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_unpack(a: argparse.Namespace, argv: list[str]) -> int:
+    print(json.dumps(weights.unpack(Path(a.weights) if a.weights else weights.WEIGHTS, Path(a.out))))
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace, argv: list[str]) -> int:
     from . import evaluate
 
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--budget-minutes", type=float, default=None, help="wall-clock cap over all stages (default: none)")
     t.add_argument("--steps", type=_steps, default=dict(train.FULL_STEPS),
-                   help="steps per stage, e.g. clip=300,evaluator=3000,vae=6000,unet=5500,refine=2500 (the default)")
+                   help="steps per stage, e.g. clip=300,evaluator=3000,vae=6000,unet=5500,refine=2500,decoder=0 (the default; decoder=1500 trains the decoder on whole scenes)")
     t.add_argument("--pool", type=int, default=None, help=f"scenes in the UNet/VAE pool (default {train.POOL})")
     t.add_argument("--device", default="cpu", help="cpu (default) or cuda; the seed fixes every draw, the device the arithmetic")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reproducible per count)")
@@ -116,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("install", help="copy a finished run into the package's weights/ with its manifest")
     i.add_argument("run")
     i.add_argument("--dest", default=None)
+    u = sub.add_parser("unpack", help="lay the shipped weights out as a finished run, to continue with later stages")
+    u.add_argument("out")
+    u.add_argument("--weights", default=None, help="a weights folder (default: the package's)")
     e = sub.add_parser("evaluate", help="evaluator accuracy and prompt following of a run or weights folder")
     e.add_argument("model", help="a run folder or weights folder (holding model/ and evaluator.safetensors)")
     e.add_argument("--n", type=int, default=96, help="images per prompt")
@@ -125,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seen", type=int, default=6, help="prompts with seen combinations (the control)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return {"train": cmd_train, "install": cmd_install, "evaluate": cmd_evaluate}[a.cmd](a, argv)
+    return {"train": cmd_train, "install": cmd_install, "unpack": cmd_unpack, "evaluate": cmd_evaluate}[a.cmd](a, argv)

@@ -87,3 +87,42 @@ def model_folder(root: Path = WEIGHTS) -> Path:
             "`python -m tinv.trainer.world train OUT` and install with `python -m tinv.trainer.world install OUT`"
         )
     return model_dir(root)
+
+
+def unpack(root: Path, run: Path) -> dict[str, list[str]]:
+    """Lay the shipped weights out as a finished training run in `run`, so that later stages (or a
+    new one, such as the decoder stage added after these weights were made) continue from them:
+    ``train run --stages decoder``. Each stage the manifest records gets its done.json; the files a
+    later stage reads are copied from the model folder. Returns the stages restored and those whose
+    own outputs the install does not hold (the first UNet cycle's EMA, a VAE replaced by the
+    decoder stage): rerunning a stage that reads those raises a clear error."""
+    record = json.loads((root / MANIFEST).read_text())
+    stages = run / "stages"
+    if stages.exists():
+        raise FileExistsError(f"{run} already holds a run (stages/); unpack into an empty folder")
+    model = model_dir(root)
+    shutil.copytree(model, run / "model")
+    shutil.copy2(root / "evaluator.safetensors", run / "evaluator.safetensors")
+    vae_stage = "decoder" if "decoder" in record["stages"] else "vae"
+    outputs = {
+        "clip": [(model / "text_encoder", stages / "clip" / "text_encoder"), (model / "tokenizer", stages / "clip" / "tokenizer")],
+        "evaluator": [(root / "evaluator.safetensors", stages / "evaluator" / "evaluator.safetensors")],
+        vae_stage: [(model / "vae", stages / vae_stage / "vae")],
+        "refine": [(model / "unet", stages / "refine" / "unet")],
+    }
+    restored, missing = [], []
+    for name, rec in record["stages"].items():
+        (stages / name).mkdir(parents=True, exist_ok=True)
+        for src, dst in outputs.get(name, []):
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+        (restored if name in outputs else missing).append(name)
+        (stages / name / "done.json").write_text(json.dumps(rec, indent=2))
+    if "refine" in record["stages"]:
+        # refine has run: its fallback (OUT/model/unet as the first cycle) must not apply
+        (stages / "refine" / "progress.json").write_text(json.dumps({"steps": record["stages"]["refine"]["steps"]}))
+    # the next `train` in this folder lists both in its manifest's history: how the stages were made, then this
+    earlier = {k: v for k, v in record.items() if k != "files"}
+    earlier["history"] = record.get("history", []) + [record["command"]]
+    earlier["command"] = f"python -m tinv.trainer.world unpack {run}"
+    (run / MANIFEST).write_text(json.dumps(earlier, indent=2, sort_keys=True) + "\n")
+    return {"restored": sorted(restored), "not_restored": sorted(missing)}
