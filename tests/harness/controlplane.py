@@ -523,6 +523,10 @@ class ControlPlane:
         proc = self._procs.get(component)
         return proc.tail(lines) if proc else ""
 
+    def pids(self) -> dict[str, int]:
+        """The running components' process ids, by name (etcd, kube-apiserver, kwok, ...)."""
+        return {name: proc.pid for name, proc in self._procs.items() if proc.alive() and proc.pid}
+
     def diagnostics(self, lines: int = 40) -> str:
         parts = []
         for name, proc in self._procs.items():
