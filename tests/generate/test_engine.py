@@ -52,10 +52,14 @@ def test_batch_pixels_equal_single_renders(engine):
 
 
 def test_guidance_one_means_no_guidance_per_image(engine):
-    """g <= 1 is the conditional prediction alone, as in diffusers, even inside a guided batch."""
+    """g <= 1 is the conditional prediction alone, as in diffusers, even inside a guided batch.
+    (Batches of different sizes agree to a rounding step: they may pick different CPU kernels; on
+    an AMD EPYC a batch of 1 and one of 2 differ by one level in 1 of 12,288 values.)"""
     alone = engine.render([req(guidance_scale=1.0)], cfg=True)[0].pixels
     mixed = engine.render([req(guidance_scale=1.0), req(guidance_scale=8.0, seed=9)])[0].pixels
-    assert np.array_equal(alone, engine.render([req(guidance_scale=1.0)] * 2, cfg=True)[0].pixels)
+    pair = engine.render([req(guidance_scale=1.0)] * 2, cfg=True)
+    assert np.array_equal(pair[0].pixels, pair[1].pixels), "one request twice in a batch: the same pixels twice"
+    assert np.abs(alone.astype(int) - pair[0].pixels.astype(int)).max() <= 2
     assert np.abs(alone.astype(int) - mixed.astype(int)).max() <= 2
     unguided = engine.render([req(guidance_scale=1.0)])[0]
     assert not unguided.cfg, "a batch where no image is guided skips the negative-prompt pass"
