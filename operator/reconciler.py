@@ -204,11 +204,10 @@ class Reconciler:
         with self.reg.lock:
             self.reg.creating += 1
         try:
-            # the record goes first: if the operator dies after creating the Job, the next one knows.
-            # The same write says "creating" (the status these facts imply); then the registry has them.
+            # the record goes first: if the operator dies after creating the Job, the next one knows
+            self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None})
             facts.record = {"jobGeneration": generation, "jobUid": None}
-            self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None}, facts)
-            self.reg.set_facts(key, facts)
+            self.reg.set_facts(key, facts)  # status shows "creating" at once
             created = self._create_children(kind, eff, resolved, uid)
         finally:
             with self.reg.lock:

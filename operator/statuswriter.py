@@ -25,18 +25,13 @@ from .events import EventRecorder
 from .kube import ApiError, Kube, path_for
 from .metrics import Metrics
 from .registry import Key, Registry, resource_version
-from .status import Facts, compute_status, merge_patch, new_checkpoints, short, transitions
+from .status import compute_status, merge_patch, new_checkpoints, short, transitions
 
 log = logging.getLogger("tinv.operator")
 
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _holds(status_workload: dict[str, Any], record: dict[str, Any]) -> bool:
-    """Whether a computed status.workload carries `record` (a None value: the key is absent)."""
-    return all(status_workload.get(k) == v for k, v in record.items())
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -85,10 +80,9 @@ class StatusWriter:
             pass  # the loop is closed: shutting down
 
     # ------------------------------------------------------------------ computing
-    def compute(self, key: Key, now: str | None = None, facts: Facts | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-        """(body, old status, new status) from the registry's facts, or from `facts` not yet in it."""
+    def compute(self, key: Key, now: str | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
         reg = self.reg
-        facts = facts if facts is not None else reg.facts.get(key)
+        facts = reg.facts.get(key)
         body = reg.resource(key)
         if facts is None or body is None:
             return None
@@ -107,30 +101,17 @@ class StatusWriter:
         return body, old, new
 
     # ------------------------------------------------------------------ writing
-    def write_record(self, key: Key, workload: dict[str, Any], facts: Facts | None = None) -> None:
+    def write_record(self, key: Key, workload: dict[str, Any]) -> None:
         """Synchronously merge `workload` into status.workload: the record of the Job, durable
-        before the Job exists (a restart then knows a Job was created and never makes another).
-
-        With `facts` that hold this record (a Job about to be created; not yet in the registry, so
-        that a failed write leaves no trace), the whole status they imply ("creating Job ...")
-        goes in the same PATCH: one write where there were two, on the path that sets the pace of
-        a burst of creations."""
+        before the Job exists (a restart then knows a Job was created and never makes another)."""
         assert self.kube is not None
         kind, ns, name = key
-        result = self._compute_or_log(key, facts=facts) if facts is not None else None
-        if result is not None and _holds(result[2].get("workload") or {}, workload):
-            body, old, new = result
-            self.write_status(key, body, old, new, missing_ok=False)
-            with self.reg.lock:
-                self.reg.last_write[key] = time.monotonic()  # the next changes coalesce as after any write
-            return
         resp = self.kube.merge_patch(path_for(kind, ns, name, "status"), {"status": {"workload": workload}})
         with self.reg.lock:
             self.reg.written[key] = (resource_version(resp), resp.get("status") or {})
 
-    def write_status(self, key: Key, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], missing_ok: bool = True) -> None:
-        """PATCH the status subresource with the changes, then post an Event per transition.
-        A resource deleted meanwhile is skipped (`missing_ok`) or raises the apiserver's 404."""
+    def write_status(self, key: Key, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        """PATCH the status subresource with the changes, then post an Event per transition."""
         assert self.kube is not None
         patch = merge_patch(old, new)
         if not patch:
@@ -140,7 +121,7 @@ class StatusWriter:
         try:
             resp = self.kube.merge_patch(path_for(kind, ns, name, "status"), {"status": patch})
         except ApiError as err:
-            if err.not_found and missing_ok:
+            if err.not_found:
                 return
             raise
         with self.reg.lock:
@@ -259,9 +240,9 @@ class StatusWriter:
             loop.call_later(self.config.status_min_interval, self._wake.set)
         return backlog
 
-    def _compute_or_log(self, key: Key, now: str | None = None, facts: Facts | None = None):
+    def _compute_or_log(self, key: Key, now: str | None = None):
         try:
-            return self.compute(key, now, facts)
+            return self.compute(key, now)
         except Exception:  # noqa: BLE001 - one resource must not stop the others
             log.exception("computing the status of %s %s/%s failed", *key)
             return None
