@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import heapq
 import logging
 import os
 import socket
@@ -213,8 +214,14 @@ class StatusWriter:
             # a third of their threads (they coalesce meanwhile, so nothing is lost by waiting).
             workers = self.config.status_workers if not reg.creating else max(1, self.config.status_workers // 3)
             room = workers - len(reg.inflight)
-            ready = sorted((k for k in reg.dirty - reg.inflight if reg.last_write.get(k, 0.0) <= soon),
-                           key=lambda k: reg.last_write.get(k, 0.0))
+            if room <= 0:
+                # Every thread is busy: _written wakes the loop when one is free. Scanning and sorting
+                # every dirty resource here, on each watch event, under the registry's lock, was 9 %
+                # of the operator's CPU samples with 1,000 resources (bench/README.md).
+                return any(k not in reg.inflight for k in reg.dirty)
+            due = [k for k in reg.dirty if k not in reg.inflight and reg.last_write.get(k, 0.0) <= soon]
+        # the oldest-written first; a few more than there are threads, as some have not changed
+        ready = heapq.nsmallest(4 * room + 16, due, key=lambda k: reg.last_write.get(k, 0.0))
         backlog = False
         for key in ready:
             with reg.lock:
@@ -233,8 +240,12 @@ class StatusWriter:
                 room -= 1
                 fut = loop.run_in_executor(self.api_pool, self.refresh, key)
                 fut.add_done_callback(lambda f, key=key: self._written(key, f))
+        if not backlog and len(ready) < len(due):
+            backlog = True  # more are due than this round looked at
+            if room > 0:
+                self._wake.set()  # the ones it looked at had not changed: look at the next ones now
         with reg.lock:
-            deferred = bool(reg.dirty - reg.inflight)
+            deferred = any(k not in reg.inflight for k in reg.dirty)
         if deferred and not backlog:
             # written less than status_min_interval ago: coalesce further changes into one write
             loop.call_later(self.config.status_min_interval, self._wake.set)

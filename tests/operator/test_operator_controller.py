@@ -142,9 +142,7 @@ def env(tmp_path):
             idx[IDX_JOBS][(NS, obj["metadata"]["name"])] = [job_view(obj)]
 
     yield ctl, kube, idx, put, sync_jobs
-    ctl.api_pool.shutdown(wait=False)
-    ctl.reader.close()
-    ctl.event_pool.shutdown(wait=False)
+    _close(ctl)
 
 
 def test_reconcile_creates_configmap_and_job_once(env):
@@ -601,6 +599,28 @@ def test_grid_references_that_can_never_resolve_are_blocked_with_a_reason(env):
     assert "fails when the job finishes" in ctl.facts[(B.GRID, NS, "g")].waiting[1]
 
 
+def _writer_controller(tmp_path, kube, n):
+    """A controller whose status writer has 2 threads and no pacing, and `n` resources r0.. that exist."""
+    cfg = OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}/runs", poll_interval=60,
+                         status_batch_interval=0.0, status_min_interval=0.0, status_workers=2)
+    ctl = Controller(cfg, kube, Metrics.create(CollectorRegistry()))
+    idx = {IDX_RESOURCES[B.TIJOB]: {}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
+    ctl.indices, ctl.ready = idx, True
+    keys = []
+    for i in range(n):
+        body = tijob(name=f"r{i}", uid=f"{i:08d}-1111-2222-3333-444455556666")
+        idx[IDX_RESOURCES[B.TIJOB]][(NS, f"r{i}")] = [slim(body)]
+        kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/r{i}"] = copy.deepcopy(body)
+        keys.append((B.TIJOB, NS, f"r{i}"))
+    return ctl, keys
+
+
+def _close(ctl):
+    ctl.api_pool.shutdown(wait=False)
+    ctl.reader.close()
+    ctl.event_pool.shutdown(wait=False)
+
+
 def test_a_slow_apiserver_gets_at_most_status_workers_writes_each_of_the_newest_state(tmp_path):
     """Issue 14 at scale: status writes never queue in the pool with states computed long ago. With
     the API server stalled, only --status-workers writes are in flight; a resource that changes
@@ -616,17 +636,7 @@ def test_a_slow_apiserver_gets_at_most_status_workers_writes_each_of_the_newest_
         return plain_patch(path, body)
 
     kube.merge_patch = slow_patch
-    cfg = OperatorConfig(namespaces=(NS,), storage_uri=f"file://{tmp_path}/runs", poll_interval=60,
-                         status_batch_interval=0.0, status_min_interval=0.0, status_workers=2)
-    ctl = Controller(cfg, kube, Metrics.create(CollectorRegistry()))
-    idx = {IDX_RESOURCES[B.TIJOB]: {}, IDX_RESOURCES[B.GRID]: {}, IDX_JOBS: {}, IDX_PODS: {}}
-    ctl.indices, ctl.ready = idx, True
-    keys = []
-    for i in range(6):
-        body = tijob(name=f"r{i}", uid=f"0000000{i}-1111-2222-3333-444455556666")
-        idx[IDX_RESOURCES[B.TIJOB]][(NS, f"r{i}")] = [slim(body)]
-        kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/r{i}"] = copy.deepcopy(body)
-        keys.append((B.TIJOB, NS, f"r{i}"))
+    ctl, keys = _writer_controller(tmp_path, kube, 6)
 
     async def run():
         ctl.status.bind(asyncio.get_running_loop())
@@ -649,9 +659,7 @@ def test_a_slow_apiserver_gets_at_most_status_workers_writes_each_of_the_newest_
         asyncio.run(run())
     finally:
         gate.set()
-        ctl.api_pool.shutdown(wait=False)
-        ctl.reader.close()
-        ctl.event_pool.shutdown(wait=False)
+        _close(ctl)
     per = {}
     for path, body in patches:
         per.setdefault(path.rsplit("/", 2)[-2], []).append(json.dumps(body))
@@ -660,3 +668,35 @@ def test_a_slow_apiserver_gets_at_most_status_workers_writes_each_of_the_newest_
     assert sorted(len(v) for v in per.values()) == [1, 1, 1, 1, 2, 2]
     for name, bodies in per.items():
         assert "second" in bodies[-1], (name, bodies)
+
+
+def test_a_dispatch_with_every_thread_busy_computes_nothing_and_one_with_room_looks_at_few(tmp_path):
+    """At scale the status writer's loop runs on every watch event: with 1,000 resources changed and
+    every write thread busy it must not compute (or sort) them all each time -- that was 9 % of the
+    operator's CPU -- and with room it computes a bounded few, the oldest-written first."""
+    ctl, keys = _writer_controller(tmp_path, FakeKube(), 1000)
+    for key in keys:
+        ctl.registry.set_facts(key, Facts(kind=B.TIJOB, job_name=f"{key[2]}-train", generation=1, invalid="bad"))
+    for i, key in enumerate(keys):
+        ctl.registry.last_write[key] = float(i)  # r0 written longest ago
+    computed = []
+    plain = ctl.status.compute
+    ctl.status.compute = lambda key, *a, **kw: (computed.append(key), plain(key, *a, **kw))[1]
+    started = []
+    ctl.status.refresh = lambda key: started.append(key)
+
+    async def run():
+        ctl.status.bind(asyncio.get_running_loop())
+        ctl.registry.inflight.update(keys[-2:])  # both threads busy
+        assert ctl.status._dispatch() is True  # changed resources are waiting for a thread
+        assert computed == []
+        ctl.registry.inflight.clear()
+        ctl.status._dispatch()
+        await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(run())
+    finally:
+        _close(ctl)
+    assert started == keys[:2]  # two threads: the two written longest ago
+    assert computed[:3] == keys[:3] and len(computed) == 3  # the third waits for a thread; no more were computed
