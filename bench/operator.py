@@ -24,7 +24,10 @@ One JSON line per result: {"name", "value", "unit", "config", "git_revision", "d
 Targets (issue 14): 1,000 resources to Jobs in < 20 s and 5,000 in < 100 s, operator peak RSS
 < 300 MB at 5,000, a new checkpoint in every status within 2 poll intervals at 1,000, every status
 reflecting its pods within 30 s of the last resource at 1,000. The client creates the resources
-with one asyncio loop (aiohttp, 48 in flight) so that it does not set the pace.
+with one asyncio loop (aiohttp, 48 in flight) and follows the Jobs and the resources' status by
+watches (`Mirror`), not by LISTs, so that it neither sets the pace nor loads the API server it
+measures; the config of each row gives the CPU seconds of every control-plane process and of the
+script itself.
 """
 
 from __future__ import annotations
@@ -89,6 +92,73 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Mirror:
+    """The newest version of every object of one list, kept by a raw watch in a thread (no client
+    models, one JSON parse per event). The waits below read it instead of LISTing a thousand
+    objects every quarter of a second: those LISTs (megabytes of JSON each, encoded by the
+    apiserver and parsed here) loaded the very apiserver whose pace the benchmark measures."""
+
+    def __init__(self, list_fn, *args, **kwargs):
+        self.objects: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.events = 0
+        self.error: BaseException | None = None
+        self._call = (list_fn, args, kwargs)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from kubernetes.client.rest import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
+
+        fn, args, kwargs = self._call
+        rv = None  # unset: the watch begins with the current state (an ADDED event per object)
+        while not self._stop.is_set():
+            try:
+                resp = fn(*args, **kwargs, watch=True, _preload_content=False, timeout_seconds=3600,
+                          **({"resource_version": rv} if rv else {}))
+                for line in iter_resp_lines(resp):
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        rv = None if obj.get("code") == 410 else rv  # expired: start again from the state
+                        break
+                    meta = obj.get("metadata") or {}
+                    rv = meta.get("resourceVersion") or rv
+                    with self.lock:
+                        if event.get("type") == "DELETED":
+                            self.objects.pop(meta.get("name"), None)
+                        elif event.get("type") in ("ADDED", "MODIFIED"):
+                            self.objects[meta.get("name")] = obj
+                    self.events += 1
+            except ApiException as err:
+                if err.status == 410:
+                    rv = None
+                else:
+                    self.error = err
+                    time.sleep(0.5)
+            except Exception as err:  # noqa: BLE001 - a broken stream: watch again from the last version
+                if self._stop.is_set():
+                    return
+                self.error = err
+                time.sleep(0.5)
+
+    def items(self) -> list[dict]:
+        with self.lock:
+            return list(self.objects.values())
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def close(self) -> None:
+        # Only the flag: closing the response from here blocks while the thread reads it. The
+        # stream ends when the control plane stops, and then the thread sees the flag.
+        self._stop.set()
 
 
 def apiserver_requests(cp, resource: str) -> dict[str, float]:
@@ -185,7 +255,7 @@ def run_one(n: int, args) -> list[dict]:
 
     rows: list[dict] = []
     config = {"n": n, "mode": args.mode, "pods": args.pods, "poll_interval_s": args.poll_interval, "api_workers": args.api_workers,
-              "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)"}
+              "profiled": bool(args.profile), "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)"}
 
     results = Results("operator")
 
@@ -209,6 +279,7 @@ def run_one(n: int, args) -> list[dict]:
         bodies = [tijob(f"bench-{i:05d}", gpu_class=None, region=None, run_policy=suspend) for i in range(n)]
 
         spy = None
+        mirrors: tuple = ()
 
         def start_operator() -> None:
             nonlocal watch, spy
@@ -227,8 +298,13 @@ def run_one(n: int, args) -> list[dict]:
                     time.sleep(0.2)
 
         try:
+            batch = client.BatchV1Api(cp.api_client())
+            jobs_seen = Mirror(batch.list_namespaced_job, ns, label_selector="app.kubernetes.io/managed-by=tinv-operator")
+            tijobs_seen = Mirror(api.list_namespaced_custom_object, "tinv.io", "v1alpha1", ns, "textualinversionjobs")
+            mirrors = (jobs_seen, tijobs_seen)
             tijob_req0 = apiserver_requests(cp, "textualinversionjobs")
             components = cp.pids()
+            client_cpu0 = sum(os.times()[:2])
             comp_cpu0 = {name: cpu_seconds(pid) for name, pid in components.items()}
             if args.mode == "live":
                 start_operator()
@@ -240,19 +316,16 @@ def run_one(n: int, args) -> list[dict]:
                 start_operator()
             cpu0 = 0.0
             row("operator_resources_created_by_client_seconds", create_s, "s")
-            batch = client.BatchV1Api(cp.api_client())
 
             def count_jobs() -> int:
-                resp = batch.list_namespaced_job(ns, label_selector="app.kubernetes.io/managed-by=tinv-operator", _preload_content=False)
-                return len(json.loads(resp.data)["items"])
+                return len(jobs_seen)
 
             def list_tijobs() -> list[dict]:
-                resp = api.list_namespaced_custom_object("tinv.io", "v1alpha1", ns, "textualinversionjobs")
-                return resp["items"]
+                return tijobs_seen.items()
 
             while count_jobs() < n:
                 if time.monotonic() - t0 > args.timeout:
-                    raise RuntimeError(f"only {count_jobs()}/{n} Jobs after {args.timeout} s\n{op.logs()}")
+                    raise RuntimeError(f"only {count_jobs()}/{n} Jobs after {args.timeout} s (watch: {jobs_seen.error})\n{op.logs()}")
                 time.sleep(0.25)
             row("operator_jobs_created_seconds", time.monotonic() - t0, "s")
             if args.mode == "live":
@@ -308,6 +381,8 @@ def run_one(n: int, args) -> list[dict]:
             # where the machine's CPU went meanwhile: on a small machine the control plane sets the pace
             config["control_plane_cpu_seconds"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
             config["wall_seconds"] = round(time.monotonic() - t0, 1)
+            config["bench_client_cpu_seconds"] = round(sum(os.times()[:2]) - client_cpu0, 1)  # creates, watches, checkpoint files
+            config["watch_events"] = {"jobs": jobs_seen.events, "textualinversionjobs": tijobs_seen.events}
             row("operator_peak_rss_mib", watch.peak_kib / 1024, "MiB")
             metrics = op.metrics()
             own = metric_value(metrics, "tinv_operator_api_requests_total")
@@ -329,6 +404,8 @@ def run_one(n: int, args) -> list[dict]:
             config["other_requests_on_tijobs"] = {k: int(v) for k, v in sorted(delta.items()) if k not in ("PATCH", "WATCH")}
             row("operator_api_requests_per_resource", (own + kopf) / n, "requests")
         finally:
+            for mirror in mirrors:
+                mirror.close()
             if watch is not None:
                 watch.close()
             if spy is not None:
