@@ -113,6 +113,17 @@ def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _update(opt, loss, lr: float, clip=None) -> None:
+    """One optimiser step at learning rate `lr`; with `clip`, those parameters' gradient norm is cut to 1."""
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+
+
 def _log(cfg: Config, **row) -> None:
     row["t"] = round(time.time(), 1)
     line = json.dumps(row)
@@ -188,11 +199,7 @@ def stage_clip(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         same = torch.tensor([[a == c for c in caps] for a in caps], dtype=torch.float32, device=dev)
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, 1e-3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss, _lr(step, total, 1e-3))
         if step % 10 == 0:
             _log(cfg, stage="clip", step=step, loss=round(loss.item(), 4))
     steps = step + 1 if total else 0
@@ -237,11 +244,7 @@ def stage_vae(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, VAE_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss, _lr(step, total, VAE_LR))
         if step % 10 == 0:
             _log(cfg, stage="vae", step=step, loss=round(loss.item(), 4), l1=round(l1.item(), 4))
         if (step + 1) % cfg.vae_check_every == 0:
@@ -319,11 +322,7 @@ def stage_evaluator(cfg: Config, budget: Budget) -> dict:
         y = {k: v.to(dev) for k, v in nets.labels(batch).items()}
         out = ev(x.to(dev))
         loss = sum(F.cross_entropy(out[k], y[k], ignore_index=-100) for k in out)
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, 2e-3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss, _lr(step, total, 2e-3))
         if step % 10 == 0:
             _log(cfg, stage="evaluator", step=step, loss=round(loss.item(), 4))
     steps = step + 1 if total else 0
@@ -456,12 +455,7 @@ def _diffusion_cycle(cfg: Config, stage: str, make_unet, peak: float, pool_scene
         pred = unet(zt, t, cond).sample
         w = (snr[t].clamp(max=5.0) / snr[t]).float()  # min-SNR-5 (epsilon target)
         loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, peak, warmup=100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        _update(opt, loss, _lr(step, total, peak, warmup=100), clip=unet.parameters())
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
@@ -521,11 +515,7 @@ def stage_decoder(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
         d = vae.decode(z).sample - x
         edges = (d[..., 1:, :] - d[..., :-1, :]).abs().mean() + (d[..., :, 1:] - d[..., :, :-1]).abs().mean()
         loss = d.abs().mean() + d.pow(2).mean() + EDGE_WEIGHT * edges
-        for pg in opt.param_groups:
-            pg["lr"] = _lr(step, total, DECODER_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss, _lr(step, total, DECODER_LR))
         if step % 10 == 0:
             _log(cfg, stage="decoder", step=step, loss=round(loss.item(), 4), l1=round(d.abs().mean().item(), 4))
         if (step + 1) % cfg.vae_check_every == 0 or step + 1 == total:
