@@ -115,6 +115,11 @@ def test_the_decoder_stage_keeps_the_encoder_and_continues_unpacked_weights(micr
         cli.main(["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS, "--stages", "refine"])
     with pytest.raises(FileExistsError, match="empty folder"):
         weights.unpack(shipped, later)
+    # turned off again (0 steps, the default): the model gets the VAE stage's decoder back
+    (later / "stages" / "decoder" / "done.json").unlink()
+    assert cli.main(["train", str(later), "--micro", "--seed", "3", "--steps", MICRO_STEPS.replace("decoder=3", "decoder=0"), "--stages", "decoder"]) == 0
+    assert not (later / "stages" / "decoder" / "vae").exists()
+    assert weights.digests(later / "model" / "vae") == weights.digests(later / "stages" / "vae" / "vae")
 
 
 def _as_finished(run):

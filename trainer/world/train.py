@@ -490,6 +490,12 @@ def stage_decoder(cfg: Config, pool_scenes, pool_arr, budget: Budget) -> dict:
 
     from .evaluate import evaluator_accuracy
 
+    if not cfg.steps["decoder"]:  # off (the default): the VAE stage's decoder is the model's
+        if (cfg.stage_dir("decoder") / "vae").exists():  # turned off after an earlier run trained one
+            shutil.rmtree(cfg.stage_dir("decoder") / "vae")
+            if (cfg.out / "model" / "unet").exists():
+                save_model(cfg, _load_unet(cfg, cfg.out / "model" / "unet"), cfg.out / "model")
+        return _mark_done(cfg, "decoder", 0, 0.0, checks=[])
     g = _gen(cfg, "decoder")
     torch.manual_seed(g.initial_seed())
     dev = cfg.dev
@@ -570,7 +576,8 @@ def train(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             continue
         cfg.stage_dir(name).mkdir(parents=True, exist_ok=True)
         # A stage gets its share of what is left, so time a stage leaves unused goes to the next.
-        share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[n] for n in todo[todo.index(name):])
+        # (a stage set to 0 steps, such as the decoder by default, takes no share)
+        share = BUDGET_SHARE[name] / max(1e-9, sum(BUDGET_SHARE[n] for n in todo[todo.index(name):] if cfg.steps[n]))
         budget = Budget(None if deadline is None else (deadline - time.monotonic()) * share / 60)
         _log(cfg, stage=name, start=True, steps=cfg.steps[name])
         if name == "clip":

@@ -103,7 +103,7 @@ def unpack(root: Path, run: Path) -> dict[str, list[str]]:
     model = model_dir(root)
     shutil.copytree(model, run / "model")
     shutil.copy2(root / "evaluator.safetensors", run / "evaluator.safetensors")
-    vae_stage = "decoder" if "decoder" in record["stages"] else "vae"
+    vae_stage = "decoder" if (record["stages"].get("decoder") or {}).get("steps") else "vae"  # a 0-step decoder left the VAE as it was
     outputs = {
         "clip": [(model / "text_encoder", stages / "clip" / "text_encoder"), (model / "tokenizer", stages / "clip" / "tokenizer")],
         "evaluator": [(root / "evaluator.safetensors", stages / "evaluator" / "evaluator.safetensors")],
