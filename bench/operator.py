@@ -4,6 +4,8 @@
     python bench/operator.py --n 100 --n 1000            # one control plane per N
     python bench/operator.py --n 1000 --pods suspended   # Jobs created suspended: no pods at all
     python bench/operator.py --n 100 --record            # also append the rows to bench/results/operator.jsonl
+    python bench/operator.py --n 1000 --mode floor       # no operator: the script creates the ConfigMaps and Jobs
+    python bench/operator.py --n 1000 --profile-apiserver /tmp/api.pprof   # where the API server's CPU goes
 
 For each N: start the harness (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes),
 apply the CRDs, start `tinv operator` as a subprocess, create N resources as fast as the client can,
@@ -27,7 +29,13 @@ reflecting its pods within 30 s of the last resource at 1,000. The client create
 with one asyncio loop (aiohttp, 48 in flight) and follows the Jobs and the resources' status by
 watches (`Mirror`), not by LISTs, so that it neither sets the pace nor loads the API server it
 measures; the config of each row gives the CPU seconds of every control-plane process and of the
-script itself.
+script itself, over the run and until every Job existed, and every client's requests until then
+(`requests_until_jobs`, from apiserver_request_total).
+
+`--mode floor` is the yardstick for the Job-creation figure: no operator runs, and the script
+creates each resource's ConfigMap and Job itself (built by the operator's own builders) right after
+the resource, as fast as it can; the time until every Job exists is the least this machine's control
+plane needs for the same objects, pods included.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class ProcWatch:
     def __init__(self, pid: int, interval: float = 0.25):
         self.pid = pid
         self.peak_kib = 0
+        self.rss_kib = 0  # the latest sample
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self.thread.start()
@@ -72,6 +81,8 @@ class ProcWatch:
             m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
             if m:
                 self.peak_kib = max(self.peak_kib, int(m.group(1)))
+                if key == "VmRSS":
+                    self.rss_kib = int(m.group(1))
 
     def _run(self, interval: float) -> None:
         while not self.stop.wait(interval):
@@ -161,33 +172,48 @@ class Mirror:
         self._stop.set()
 
 
-def apiserver_requests(cp, resource: str) -> dict[str, float]:
-    """apiserver_request_total for one resource, by verb (all subresources)."""
+def apiserver_request_mix(cp) -> dict[str, float]:
+    """apiserver_request_total of every resource, by "VERB resource[/subresource]" (WATCH and
+    WATCHLIST included): who keeps the API server busy, the operator or the rest of the control plane."""
     text = cp.kubectl("get", "--raw", "/metrics").stdout
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("apiserver_request_total{") and f'resource="{resource}"' in line:
-            verb = re.search(r'verb="([^"]+)"', line).group(1)
-            sub = re.search(r'subresource="([^"]*)"', line)
-            key = f"{verb}{'/' + sub.group(1) if sub and sub.group(1) else ''}"
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        verb = re.search(r'verb="([^"]+)"', line).group(1)
+        res = re.search(r'resource="([^"]*)"', line)
+        sub = re.search(r'subresource="([^"]*)"', line)
+        key = f"{verb} {res.group(1) if res else '?'}{'/' + sub.group(1) if sub and sub.group(1) else ''}"
+        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
-def create_all(kubeconfig: str, ns: str, bodies: list[dict], concurrency: int = 48) -> list[dict]:
-    """POST every resource with one asyncio loop and `concurrency` requests in flight (aiohttp, which
-    kopf brings): the Python kubernetes client's per-request CPU (~20 ms of model (de)serialisation
-    on this machine) set the pace before, not the apiserver. Returns the created objects."""
-    import asyncio
+def apiserver_requests(cp, resource: str) -> dict[str, float]:
+    """apiserver_request_total for one resource, by verb (all subresources: "PATCH/status")."""
+    out: dict[str, float] = {}
+    for key, value in apiserver_request_mix(cp).items():
+        verb, _, what = key.partition(" ")
+        name, _, sub = what.partition("/")
+        if name == resource:
+            key = verb + (f"/{sub}" if sub else "")
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def _mix_delta(after: dict[str, float], before: dict[str, float], least: int = 20) -> dict[str, int]:
+    delta = {k: int(v - before.get(k, 0.0)) for k, v in after.items()}
+    return {k: v for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v >= least}
+
+
+def _session_settings(kubeconfig: str, tmp: Path):
+    """TLS context and headers of the kubeconfig's (first) user, for aiohttp."""
     import base64
     import ssl
 
-    import aiohttp
     import yaml
 
     kc = yaml.safe_load(Path(kubeconfig).read_text())
     cluster, user = kc["clusters"][0]["cluster"], kc["users"][0]["user"]
-    tmp = Path(tempfile.mkdtemp(prefix="tinv-bench-tls-"))
     ctx = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
     headers = {"Content-Type": "application/json"}
     if "client-certificate-data" in user:
@@ -196,22 +222,44 @@ def create_all(kubeconfig: str, ns: str, bodies: list[dict], concurrency: int = 
         ctx.load_cert_chain(str(tmp / "c.pem"), str(tmp / "k.pem"))
     elif user.get("token"):
         headers["Authorization"] = f"Bearer {user['token']}"
-    url = f"{cluster['server']}/apis/tinv.io/v1alpha1/namespaces/{ns}/textualinversionjobs"
+    return cluster["server"], ctx, headers
+
+
+def create_all(kubeconfig: str, ns: str, bodies: list[dict], concurrency: int = 48, children=None) -> list[dict]:
+    """POST every resource with one asyncio loop and `concurrency` requests in flight (aiohttp, which
+    kopf brings): the Python kubernetes client's per-request CPU (~20 ms of model (de)serialisation
+    on this machine) set the pace before, not the apiserver. Returns the created objects.
+
+    `children(created)`, when given, returns (API path, object) pairs POSTed in order right after
+    each resource is created: `--mode floor` creates what the operator would, without it."""
+    import asyncio
+
+    import aiohttp
+
+    tmp = Path(tempfile.mkdtemp(prefix="tinv-bench-tls-"))
+    server, ctx, headers = _session_settings(kubeconfig, tmp)
+    url = f"{server}/apis/tinv.io/v1alpha1/namespaces/{ns}/textualinversionjobs"
 
     async def run() -> list[dict]:
         sem = asyncio.Semaphore(concurrency)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=concurrency), headers=headers) as session:
+            async def post(to: str, body: dict) -> dict:
+                for attempt in range(5):
+                    async with session.post(to, data=json.dumps(body)) as resp:
+                        if resp.status == 429 and attempt < 4:  # the apiserver's max-in-flight: back off
+                            await asyncio.sleep(0.2 * (attempt + 1))
+                            continue
+                        if resp.status != 201:
+                            raise RuntimeError(f"create {body['metadata']['name']}: {resp.status} {await resp.text()}")
+                        return await resp.json()
+                raise RuntimeError("unreachable")
+
             async def one(body: dict) -> dict:
                 async with sem:
-                    for attempt in range(5):
-                        async with session.post(url, data=json.dumps(body)) as resp:
-                            if resp.status == 429 and attempt < 4:  # the apiserver's max-in-flight: back off
-                                await asyncio.sleep(0.2 * (attempt + 1))
-                                continue
-                            if resp.status != 201:
-                                raise RuntimeError(f"create {body['metadata']['name']}: {resp.status} {await resp.text()}")
-                            return await resp.json()
-                raise RuntimeError("unreachable")
+                    created = await post(url, body)
+                    for path, child in children(created) if children else ():
+                        await post(server + path, child)
+                    return created
 
             return list(await asyncio.gather(*(one(b) for b in bodies)))
 
@@ -219,6 +267,26 @@ def create_all(kubeconfig: str, ns: str, bodies: list[dict], concurrency: int = 
         return asyncio.run(run())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def operator_children(operator_args: list[str]):
+    """`children` for create_all: the ConfigMap and Job the operator's own builders make for a
+    created resource, with the operator's configuration (its command-line flags)."""
+    from tinv.api.models import RESOURCES
+    from tinv.operator import builders as B
+    from tinv.operator.config import from_args
+    from tinv.operator.kube import path_for
+
+    config = from_args(operator_args)
+
+    def children(created: dict) -> list[tuple[str, dict]]:
+        kind = created["kind"]
+        doc = {k: created[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+        eff = B.effective(RESOURCES[kind].model_validate(doc), config)
+        ns = created["metadata"]["namespace"]
+        return [(path_for(obj["kind"], ns), obj) for obj in B.children(kind, eff, config)]
+
+    return children
 
 
 def start_profiler(pid: int, out: str) -> subprocess.Popen:
@@ -249,13 +317,44 @@ def stop_profiler(spy: subprocess.Popen, out: str, top: int = 15) -> None:
         print(f"  {100 * count / max(total, 1):5.1f}%  {frame}", file=sys.stderr)
 
 
+def profile_apiserver(cp, seconds: float, out: str) -> threading.Thread:
+    """Fetch a Go CPU profile of the API server (`/debug/pprof/profile`) over the next `seconds`,
+    in a thread, into `out`; `print_apiserver_profile` then summarises it with `go tool pprof`."""
+    api = cp.api_client()
+
+    def fetch() -> None:
+        resp = api.call_api("/debug/pprof/profile", "GET", query_params=[("seconds", int(seconds))],
+                            _preload_content=False, _request_timeout=seconds + 60, auth_settings=["BearerToken"])
+        Path(out).write_bytes(resp.data)
+
+    thread = threading.Thread(target=fetch, name="apiserver-pprof", daemon=True)
+    thread.start()
+    return thread
+
+
+def print_apiserver_profile(out: str, top: int = 25) -> None:
+    """The API server's functions by cumulative CPU (`go tool pprof -top -cum`), where Go is installed."""
+    go = shutil.which("go") or shutil.which("/usr/local/go/bin/go")
+    if not Path(out).exists():
+        print(f"apiserver profile: {out} was not written", file=sys.stderr)
+        return
+    if not go:
+        print(f"apiserver profile: {out}; no `go` on PATH to summarise it (go tool pprof -top {out})", file=sys.stderr)
+        return
+    for flag in ("-flat", "-cum"):
+        res = subprocess.run([go, "tool", "pprof", "-top", flag, f"-nodecount={top}", out], capture_output=True, text=True)
+        print(f"apiserver profile ({flag[1:]}), {out}:\n{res.stdout[-6000:]}{res.stderr[-500:]}", file=sys.stderr)
+
+
 def run_one(n: int, args) -> list[dict]:
     from harness import ControlPlane
+    from harness.controlplane import CONTROLLER_QPS
     from operator_helpers import OperatorProcess, apply_crds, metric_value, run_root, tijob, write_checkpoint, write_progress
 
     rows: list[dict] = []
     config = {"n": n, "mode": args.mode, "pods": args.pods, "poll_interval_s": args.poll_interval, "api_workers": args.api_workers,
-              "profiled": bool(args.profile), "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)"}
+              "profiled": bool(args.profile or args.profile_apiserver), "namespaces": 1, "harness": "etcd+kube-apiserver+kcm+scheduler+KWOK (5 fake nodes, 32 GPUs)",
+              "controller_qps": CONTROLLER_QPS}
 
     results = Results("operator")
 
@@ -303,13 +402,17 @@ def run_one(n: int, args) -> list[dict]:
             tijobs_seen = Mirror(api.list_namespaced_custom_object, "tinv.io", "v1alpha1", ns, "textualinversionjobs")
             mirrors = (jobs_seen, tijobs_seen)
             tijob_req0 = apiserver_requests(cp, "textualinversionjobs")
+            mix0 = apiserver_request_mix(cp)
             components = cp.pids()
             client_cpu0 = sum(os.times()[:2])
             comp_cpu0 = {name: cpu_seconds(pid) for name, pid in components.items()}
             if args.mode == "live":
                 start_operator()
+            pprof = profile_apiserver(cp, args.profile_seconds, args.profile_apiserver) if args.profile_apiserver else None
             t0 = time.monotonic()
-            created = create_all(cp.kubeconfig, ns, bodies)
+            # floor: the script creates each resource's ConfigMap and Job itself, no operator
+            children = operator_children(op.args[4:]) if args.mode == "floor" else None
+            created = create_all(cp.kubeconfig, ns, bodies, children=children)
             create_s = time.monotonic() - t0
             if args.mode == "backlog":
                 t0 = time.monotonic()  # from the operator's start: N resources wait for it
@@ -328,8 +431,20 @@ def run_one(n: int, args) -> list[dict]:
                     raise RuntimeError(f"only {count_jobs()}/{n} Jobs after {args.timeout} s (watch: {jobs_seen.error})\n{op.logs()}")
                 time.sleep(0.25)
             row("operator_jobs_created_seconds", time.monotonic() - t0, "s")
-            if args.mode == "live":
+            # every client's requests until then (kinds with at least n/50), and the CPU each process used
+            config["requests_until_jobs"] = _mix_delta(apiserver_request_mix(cp), mix0, least=max(1, n // 50))
+            config["cpu_seconds_until_jobs"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
+            if watch is not None:
+                config["cpu_seconds_until_jobs"]["operator"] = round(watch.cpu_seconds(), 1)
+                config["operator_rss_mib"] = {"jobs": round(watch.rss_kib / 1024), "peak_at_jobs": round(watch.peak_kib / 1024)}
+            if args.mode != "backlog":
                 row("operator_jobs_created_after_last_resource_seconds", time.monotonic() - t0 - create_s, "s")
+            if args.mode == "floor":
+                time.sleep(1.0)
+                config["control_plane_cpu_seconds"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
+                config["wall_seconds"] = round(time.monotonic() - t0, 1)
+                config["bench_client_cpu_seconds"] = round(sum(os.times()[:2]) - client_cpu0, 1)
+                return rows
 
             want = {"Suspended"} if args.pods == "suspended" else {"Running", "Pending"}
             while True:
@@ -346,6 +461,7 @@ def run_one(n: int, args) -> list[dict]:
                     raise RuntimeError(f"only {done}/{n} statuses reflect their pods after {args.timeout} s")
                 time.sleep(0.5)
             row("operator_status_from_pods_seconds", time.monotonic() - t0, "s")
+            config["operator_rss_mib"]["status"] = round(watch.rss_kib / 1024)
             if args.mode == "live":
                 row("operator_status_from_pods_after_last_resource_seconds", time.monotonic() - t0 - create_s, "s")
             phases: dict[str, int] = {}
@@ -377,6 +493,7 @@ def run_one(n: int, args) -> list[dict]:
             time.sleep(1.0)
             cpu = watch.cpu_seconds() - cpu0
             watch.close()
+            config["operator_rss_mib"]["end"] = round(watch.rss_kib / 1024)
             row("operator_cpu_seconds", cpu, "s")
             # where the machine's CPU went meanwhile: on a small machine the control plane sets the pace
             config["control_plane_cpu_seconds"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
@@ -403,6 +520,9 @@ def run_one(n: int, args) -> list[dict]:
             config["kopf_requests_on_tijobs"] = {k: int(v) for k, v in sorted(delta.items()) if k in ("PATCH", "WATCH")}
             config["other_requests_on_tijobs"] = {k: int(v) for k, v in sorted(delta.items()) if k not in ("PATCH", "WATCH")}
             row("operator_api_requests_per_resource", (own + kopf) / n, "requests")
+            if pprof is not None:
+                pprof.join(args.profile_seconds + 60)
+                print_apiserver_profile(args.profile_apiserver)
         finally:
             for mirror in mirrors:
                 mirror.close()
@@ -421,8 +541,10 @@ def main() -> int:
     p.add_argument("--n", type=int, action="append", help="resources per run; repeat for several runs (default: 100)")
     p.add_argument("--pods", choices=("run", "suspended"), default="run",
                    help="run: Jobs start pods (KWOK runs what fits on 32 fake GPUs, the rest stay Pending/Unschedulable); suspended: no pods")
-    p.add_argument("--mode", choices=("live", "backlog"), default="live",
-                   help="live: the operator runs while the resources are created; backlog: they exist before it starts (a restart at scale)")
+    p.add_argument("--mode", choices=("live", "backlog", "floor"), default="live",
+                   help="live: the operator runs while the resources are created; backlog: they exist before it starts (a restart at scale); "
+                   "floor: no operator, the script creates each resource's ConfigMap and Job itself (the operator's builders) right "
+                   "after the resource, as fast as it can: what this machine's control plane allows at best")
     p.add_argument("--poll-interval", type=float, default=15.0, help="the operator's storage poll interval (its default: 15 s)")
     p.add_argument("--api-workers", type=int, default=16, help="the operator's API thread pool")
     p.add_argument("--timeout", type=float, default=600, help="give up after this many seconds per phase")
@@ -430,10 +552,17 @@ def main() -> int:
     p.add_argument("--keep-logs", action="store_true", help="print the operator's log tail at the end")
     p.add_argument("--profile", metavar="FILE", help="sample the operator with py-spy (pip install py-spy) into FILE "
                    "(collapsed stacks, for flamegraph tools) and print its top functions by own time")
+    p.add_argument("--profile-apiserver", metavar="FILE", help="take a Go CPU profile of the API server over the first "
+                   "--profile-seconds of the burst into FILE (starts it with --profiling=true) and print its top functions")
+    p.add_argument("--profile-seconds", type=float, default=40.0, help="length of the API server's profile (default: 40 s)")
     args = p.parse_args()
+    if args.profile_apiserver:
+        os.environ["TINV_APISERVER_PROFILING"] = "1"
     rows: list[dict] = []
     for n in args.n or [100]:
         rows += run_one(n, args)
+    for config in {id(r["config"]): r["config"] for r in rows}.values():  # with what was added after the rows were printed
+        print("config:", json.dumps(config), file=sys.stderr)
     results = Results("operator", record=args.record)
     results.rows = rows
     results.close()

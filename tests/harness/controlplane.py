@@ -61,6 +61,11 @@ POD_CIDR = "10.244.0.0/16"
 WORKLOAD_COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kwok")
 
 
+# client requests per second of the controller-manager's controllers and of the scheduler (their
+# defaults: 20 and 50)
+CONTROLLER_QPS = 200
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -356,7 +361,8 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
-            "--profiling=false",
+            # /debug/pprof for bench/operator.py --profile-apiserver; off otherwise, as in production
+            f"--profiling={'true' if _truthy(os.environ.get('TINV_APISERVER_PROFILING')) else 'false'}",
             "--event-ttl=1h0m0s",
             "--v=1",
         ])
@@ -393,6 +399,10 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--controllers=*",
                 "--concurrent-job-syncs=10", "--concurrent-gc-syncs=20",
+                # client-go's default of 20 requests/s per controller made the Job controller, not the
+                # operator, set the pace at scale: 1,000 pods and their Job status updates took it
+                # 100+ s (bench/README.md, 2026-12-03); large clusters raise it the same way
+                f"--kube-api-qps={CONTROLLER_QPS}", f"--kube-api-burst={2 * CONTROLLER_QPS}",
                 "--v=0",
             ])
         if bins.get("kube-scheduler"):
@@ -402,6 +412,7 @@ class ControlPlane:
                 f"--kubeconfig={wd / 'scheduler.kubeconfig'}",
                 "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={port}",
                 f"--cert-dir={wd / 'scheduler-certs'}",
+                f"--kube-api-qps={CONTROLLER_QPS}", f"--kube-api-burst={2 * CONTROLLER_QPS}",
                 "--v=0",
             ])
         if bins.get("kwok"):

@@ -97,3 +97,49 @@ def test_sdxl_defaults_from_the_chart_flags_or_none():
     assert (c.sdxl_memory, c.sdxl_shared_memory) == ("96Gi", None)
     with pytest.raises(SystemExit):
         from_args(["-n", "a", "--sdxl-memory", "lots"], env={})
+
+
+def _body_with_history() -> dict:
+    """A resource as the watch delivers it after a few status writes: status, managedFields,
+    kopf's and kubectl's annotations, a finalizer, an owner."""
+    return {
+        "apiVersion": "tinv.io/v1alpha1", "kind": "TextualInversionJob",
+        "metadata": {
+            "name": "demo", "namespace": "team", "uid": "u-1", "resourceVersion": "812", "generation": 2,
+            "managedFields": [{"manager": "tinv-operator", "fieldsV1": {"f:status": {}}}],
+            "labels": {"team": "a"}, "finalizers": ["tinv.io/cleanup-outputs"],
+            "ownerReferences": [{"kind": "Project", "name": "p", "uid": "o-1"}],
+            "annotations": {"tinv.io/last-handled-configuration": '{"spec":{"concepts":[]}}\n', "tinv.io/create": '{"retries":1}',
+                            "kubectl.kubernetes.io/last-applied-configuration": "{}", "note": "kept"},
+        },
+        "spec": {"model": {"source": "builtin:tiny"}, "concepts": [{"token": "det-logo", "images": ["a.png"]}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Running", "status": "True"}]},
+    }
+
+
+class _NoCopy(dict):
+    def __deepcopy__(self, memo):
+        raise AssertionError("the diff-base must not deep-copy the status")
+
+
+def test_the_lean_diff_base_is_kopfs_essence_without_copying_the_status():
+    """kopf compares this essence on every watch event; ours must equal kopf's (or a resource would
+    look changed after an upgrade and be reconciled as updated) without deep-copying the parts it
+    drops (12 % of the operator's busy CPU at 1,000 resources)."""
+    import copy
+
+    import kopf
+
+    from tinv.operator.handlers import DiffBaseStorage
+
+    ours = DiffBaseStorage(prefix="tinv.io", key="last-handled-configuration")
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix="tinv.io", key="last-handled-configuration")
+    full = _body_with_history()
+    bare = {"apiVersion": full["apiVersion"], "kind": full["kind"], "metadata": {"name": "x", "namespace": "team"}, "spec": {}}
+    for body in (full, bare):
+        assert ours.build(body=kopf.Body(copy.deepcopy(body))) == kopfs.build(body=kopf.Body(copy.deepcopy(body)))
+    assert ours.build(body=kopf.Body(full)) == {"spec": full["spec"], "metadata": {"labels": {"team": "a"}, "annotations": {"note": "kept", "tinv.io/create": '{"retries":1}'}}}
+    heavy = {**full, "status": _NoCopy(full["status"])}
+    ours.build(body=kopf.Body(heavy))
+    with pytest.raises(AssertionError, match="must not deep-copy"):
+        kopfs.build(body=kopf.Body(heavy))
