@@ -5,6 +5,7 @@ CPU figures present). The real figures come from `--n 1000` runs (bench/README.m
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _bench(tmp_path, *args: str) -> tuple[dict, dict]:
     res = subprocess.run([sys.executable, str(REPO / "bench" / "operator.py"), "--n", "6", "--timeout", "120", *args],
-                         capture_output=True, text=True, timeout=400, cwd=REPO, env={**__import__("os").environ, "TMPDIR": str(tmp_path)})
+                         capture_output=True, text=True, timeout=400, cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert res.returncode == 0, res.stderr[-4000:]
     rows = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
     config = json.loads(next(line for line in res.stderr.splitlines() if line.startswith("config: "))[len("config: "):])
