@@ -906,7 +906,9 @@ PLURALS: dict[str, str] = {kind: model.__crd__.plural for kind, model in RESOURC
 
 
 class Annotation:
-    """Annotation keys the operator sets on child objects."""
+    """Annotation keys the operator sets on child objects, and the ones kopf keeps on the resources."""
 
     SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
     RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from
+    KOPF_PREFIX = "tinv.io"  # on the resource: kopf's progress annotations are "<prefix>/<handler id>"
+    DIFF_BASE = "tinv.io/last-handled-configuration"  # on resources of earlier versions: kopf's diff-base (now in memory)

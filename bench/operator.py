@@ -188,10 +188,10 @@ def apiserver_request_mix(cp) -> dict[str, float]:
     return out
 
 
-def apiserver_requests(cp, resource: str) -> dict[str, float]:
-    """apiserver_request_total for one resource, by verb (all subresources: "PATCH/status")."""
+def requests_of(mix: dict[str, float], resource: str) -> dict[str, float]:
+    """One resource's part of `apiserver_request_mix`, by verb (all subresources: "PATCH/status")."""
     out: dict[str, float] = {}
-    for key, value in apiserver_request_mix(cp).items():
+    for key, value in mix.items():
         verb, _, what = key.partition(" ")
         name, _, sub = what.partition("/")
         if name == resource:
@@ -401,11 +401,19 @@ def run_one(n: int, args) -> list[dict]:
             jobs_seen = Mirror(batch.list_namespaced_job, ns, label_selector="app.kubernetes.io/managed-by=tinv-operator")
             tijobs_seen = Mirror(api.list_namespaced_custom_object, "tinv.io", "v1alpha1", ns, "textualinversionjobs")
             mirrors = (jobs_seen, tijobs_seen)
-            tijob_req0 = apiserver_requests(cp, "textualinversionjobs")
             mix0 = apiserver_request_mix(cp)
+            tijob_req0 = requests_of(mix0, "textualinversionjobs")
             components = cp.pids()
             client_cpu0 = sum(os.times()[:2])
             comp_cpu0 = {name: cpu_seconds(pid) for name, pid in components.items()}
+
+            def components_cpu() -> dict[str, float]:  # each control-plane process's CPU since the start
+                return {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
+
+            def record_totals() -> None:  # the run's CPU (control plane; this script: creates, watches, files) and length
+                config["control_plane_cpu_seconds"] = components_cpu()
+                config["wall_seconds"] = round(time.monotonic() - t0, 1)
+                config["bench_client_cpu_seconds"] = round(sum(os.times()[:2]) - client_cpu0, 1)
             if args.mode == "live":
                 start_operator()
             pprof = profile_apiserver(cp, args.profile_seconds, args.profile_apiserver) if args.profile_apiserver else None
@@ -433,7 +441,7 @@ def run_one(n: int, args) -> list[dict]:
             row("operator_jobs_created_seconds", time.monotonic() - t0, "s")
             # every client's requests until then (kinds with at least n/50), and the CPU each process used
             config["requests_until_jobs"] = _mix_delta(apiserver_request_mix(cp), mix0, least=max(1, n // 50))
-            config["cpu_seconds_until_jobs"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
+            config["cpu_seconds_until_jobs"] = components_cpu()
             if watch is not None:
                 config["cpu_seconds_until_jobs"]["operator"] = round(watch.cpu_seconds(), 1)
                 config["operator_rss_mib"] = {"jobs": round(watch.rss_kib / 1024), "peak_at_jobs": round(watch.peak_kib / 1024)}
@@ -441,9 +449,7 @@ def run_one(n: int, args) -> list[dict]:
                 row("operator_jobs_created_after_last_resource_seconds", time.monotonic() - t0 - create_s, "s")
             if args.mode == "floor":
                 time.sleep(1.0)
-                config["control_plane_cpu_seconds"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
-                config["wall_seconds"] = round(time.monotonic() - t0, 1)
-                config["bench_client_cpu_seconds"] = round(sum(os.times()[:2]) - client_cpu0, 1)
+                record_totals()
                 return rows
 
             want = {"Suspended"} if args.pods == "suspended" else {"Running", "Pending"}
@@ -496,9 +502,7 @@ def run_one(n: int, args) -> list[dict]:
             config["operator_rss_mib"]["end"] = round(watch.rss_kib / 1024)
             row("operator_cpu_seconds", cpu, "s")
             # where the machine's CPU went meanwhile: on a small machine the control plane sets the pace
-            config["control_plane_cpu_seconds"] = {name: round(cpu_seconds(pid) - comp_cpu0[name], 1) for name, pid in components.items()}
-            config["wall_seconds"] = round(time.monotonic() - t0, 1)
-            config["bench_client_cpu_seconds"] = round(sum(os.times()[:2]) - client_cpu0, 1)  # creates, watches, checkpoint files
+            record_totals()
             config["watch_events"] = {"jobs": jobs_seen.events, "textualinversionjobs": tijobs_seen.events}
             row("operator_peak_rss_mib", watch.peak_kib / 1024, "MiB")
             metrics = op.metrics()
@@ -509,7 +513,7 @@ def run_one(n: int, args) -> list[dict]:
                     verb = re.search(r'verb="([^"]+)"', line).group(1)
                     res = re.search(r'resource="([^"]+)"', line).group(1)
                     by_kind[f"{verb} {res}"] = by_kind.get(f"{verb} {res}", 0) + float(line.rsplit(" ", 1)[1])
-            tijob_req = apiserver_requests(cp, "textualinversionjobs")
+            tijob_req = requests_of(apiserver_request_mix(cp), "textualinversionjobs")
             delta = {k: tijob_req.get(k, 0) - tijob_req0.get(k, 0) for k in tijob_req}
             # kopf's own: everything on textualinversionjobs except our status patches (counted in `own`) and
             # the script's creates and LISTs (the script's polling)

@@ -12,8 +12,8 @@ process (tests) and nothing happens at import time.
   bounded in time and attempts, then the outputs are kept and a Warning says so (on the operator's
   pod when the resource's namespace is terminating and takes no new Event);
 * Job DELETED events re-check the owner at once (a recorded Job is never created again);
-* startup: kopf settings (watch timeouts, annotation-based persistence, selectors) and the
-  controller's status and poll tasks; cleanup: stop them.
+* startup: kopf settings (watch timeouts, annotation-based progress, the diff-base in memory,
+  selectors) and the controller's status and poll tasks; cleanup: stop them.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from typing import Any
 
 import kopf
 
-from tinv.api.models import GROUP, PLURALS, VERSION
+from tinv.api.models import GROUP, PLURALS, VERSION, Annotation
 from tinv.api.models import Reason as R
 
 from . import builders as B
 from . import kueue as K
 from .config import OperatorConfig
 from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, IDX_WORKLOADS, Controller, GaveUp, Invalid, Retry, slim
+from .registry import compact
 from .kube import ApiError
 from .status import job_view, pod_view, short
 
@@ -40,24 +41,70 @@ SELECTOR = {B.LABEL_MANAGED_BY: B.MANAGED_BY}
 FINALIZER = "tinv.io/cleanup-outputs"
 
 
-class DiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff-base (the essence it compares to tell create / update / resume apart), built from
-    the parts that end up in it. kopf's own `build` deep-copies the whole body -- status, managedFields,
-    every annotation -- on every watch event, only to delete most of it: 12 % of the operator's busy
-    CPU samples with 1,000 resources (bench/README.md). The essence is the same: spec and the other
-    top-level stanzas but status, labels, annotations (minus kopf's own); `make_keys` still sees the
-    kind and ownerReferences it looks at."""
+def _uid(body: Any) -> str | None:
+    return (body.get("metadata") or {}).get("uid")
+
+
+class DiffBaseMemory(kopf.DiffBaseStorage):
+    """kopf's diff-base -- the essence it compares to tell create / update / resume apart -- kept in
+    the operator's memory instead of an annotation on every resource.
+
+    kopf's annotation storage costs one PATCH of each resource after its first reconcile (2,000 of
+    the 17,000 requests until every Job existed, with 2,000 new resources), one more watch event for
+    kopf to process, and the spec once more, as a string, in every later event of the resource. tinv needs
+    none of it: its reconcile is level-triggered (it compares the resource with its Job and its status,
+    never with kopf's diff), so after a restart, when this memory is empty and kopf takes every
+    resource for a new one (create instead of resume), the same reconcile runs as on resume.
+
+    The essence is built from the parts kopf keeps: kopf's own `build` deep-copies the whole body --
+    status, managedFields, every annotation -- on every watch event only to delete most of it (12 % of
+    the operator's busy CPU with 1,000 resources, bench/README.md); it equals the essence kopf's
+    annotation storage builds (which leaves out the annotation it stored, as this one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._essences: dict[str, Any] = {}
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
         if extra_fields:  # fields of other stanzas asked for (no tinv handler does): kopf's way
-            return super().build(body=body, extra_fields=extra_fields)
-        meta = body.get("metadata") or {}
-        lean = {k: v for k, v in body.items() if k not in ("metadata", "status")}
-        lean["metadata"] = {k: meta[k] for k in ("name", "namespace", "labels", "annotations", "ownerReferences") if k in meta}
-        return super().build(body=kopf.Body(lean), extra_fields=extra_fields)
+            essence = super().build(body=body, extra_fields=extra_fields)
+        else:
+            meta = body.get("metadata") or {}
+            lean = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+            lean["metadata"] = {k: meta[k] for k in ("name", "namespace", "labels", "annotations") if k in meta}
+            essence = super().build(body=kopf.Body(lean))
+        annotations = (essence.get("metadata") or {}).get("annotations") or {}
+        if Annotation.DIFF_BASE in annotations:
+            del annotations[Annotation.DIFF_BASE]
+            self.remove_empty_stanzas(essence)
+        return essence
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return self._essences.get(_uid(body))  # kopf copies it before changing anything (progress clear)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        self._essences[_uid(body)] = compact(essence)  # nothing in the patch: no request
+
+    def forget(self, uid: str | None) -> None:
+        self._essences.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._essences)
 
 
-def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+class ProgressAnnotations(kopf.AnnotationsProgressStorage):
+    """kopf's handler progress (retries, back-off) in annotations, as kopf keeps it, without kopf's
+    `tinv.io/kopf-managed` marker. kopf adds the marker with the first progress record, even for a
+    handler that succeeds at once and whose record it deletes in the same patch: with the diff-base
+    in memory, the marker alone would still cost a PATCH and a watch event per resource. (It only
+    tells other kopf operators' diff-bases to skip tinv.io/ annotations; tinv's own progress
+    annotations exist only while a handler retries, and kopf strips them from the essence by prefix.)"""
+
+    def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
+        return None
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig, diffbase: DiffBaseMemory | None = None) -> None:
     settings.posting.reporting_component = B.MANAGED_BY
     settings.posting.level = logging.WARNING  # our own Events come from the controller
     settings.watching.server_timeout = 300
@@ -65,8 +112,8 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) 
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tinv.io")
-    settings.persistence.diffbase_storage = DiffBaseStorage(prefix="tinv.io", key="last-handled-configuration")
+    settings.persistence.progress_storage = ProgressAnnotations(prefix=Annotation.KOPF_PREFIX)
+    settings.persistence.diffbase_storage = diffbase if diffbase is not None else DiffBaseMemory()
     settings.persistence.finalizer = FINALIZER
     settings.execution.max_workers = config.api_workers
     settings.scanning.disabled = not config.cluster_scan
@@ -87,12 +134,13 @@ def _backoff(retry: int) -> float:
 def register(registry: kopf.OperatorRegistry, controller: Controller, config: OperatorConfig) -> None:
     metrics = controller.metrics
     on = kopf.on
+    diffbase = DiffBaseMemory()
 
     on.login(registry=registry)(kopf.login_via_client)
 
     @on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
-        configure_settings(settings, config)
+        configure_settings(settings, config, diffbase)
         indices = {k: kwargs[k] for k in (IDX_JOBS, IDX_PODS, IDX_WORKLOADS, *IDX_RESOURCES.values()) if k in kwargs}
         await controller.start(indices)
         log.info("tinv operator watching namespaces %s", ", ".join(config.namespaces))
@@ -104,7 +152,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     # ---------------------------------------------------------------- indexes (the watch cache)
     @kopf.index("batch", "v1", "jobs", labels=SELECTOR, id=IDX_JOBS, registry=registry)
     async def tinv_jobs(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        view = job_view(body)
+        view = compact(job_view(body))
         controller.on_child(namespace, name, view)
         return {(namespace, name): view}
 
@@ -114,7 +162,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
         if not job:
             return None
         controller.on_child(namespace, job)
-        return {(namespace, job): pod_view(body)}
+        return {(namespace, job): compact(pod_view(body))}
 
     # Kueue hook: the Workloads of queued Jobs (operator/kueue.py); not served where Kueue's CRDs are absent
     @kopf.index(K.GROUP, K.VERSION, K.WORKLOADS, id=IDX_WORKLOADS, registry=registry)
@@ -138,10 +186,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
             controller.on_child(namespace, job)
 
     for kind, plural in PLURALS.items():
-        _register_kind(registry, controller, config, metrics, kind, plural)
+        _register_kind(registry, controller, config, metrics, kind, plural, diffbase)
 
 
-def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, config: OperatorConfig, metrics: Any, kind: str, plural: str) -> None:
+def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, config: OperatorConfig, metrics: Any, kind: str, plural: str,
+                   diffbase: DiffBaseMemory) -> None:
     on = kopf.on
 
     async def index(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -150,9 +199,10 @@ def _register_kind(registry: kopf.OperatorRegistry, controller: Controller, conf
 
     kopf.index(GROUP, VERSION, plural, id=IDX_RESOURCES[kind], registry=registry)(index)
 
-    async def deleted(type: str, name: str, namespace: str, **_: Any) -> None:
+    async def deleted(type: str, name: str, namespace: str, uid: str, **_: Any) -> None:
         if type == "DELETED":
             controller.forget((kind, namespace, name))
+            diffbase.forget(uid)
 
     on.event(GROUP, VERSION, plural, id=f"{plural}-deleted", registry=registry)(deleted)
 

@@ -48,6 +48,7 @@ from tinv.api.storage import (
 )
 
 from .policy import endpoint_allowed
+from .registry import compact
 from .status import StorageView
 
 log = logging.getLogger("tinv.operator.poller")
@@ -172,7 +173,8 @@ class StorageReader:
             store = self.store_for(storage)
 
             def get(uri: str) -> Any:
-                return store.read_json(uri, max_bytes=limits.max_object_bytes, timeout=limits.read_timeout)
+                # compact: kept for every resource until the next round, and manifests for longer
+                return compact(store.read_json(uri, max_bytes=limits.max_object_bytes, timeout=limits.read_timeout))
 
             try:
                 view.progress = get(join(root, PROGRESS_FILE))

@@ -10,6 +10,8 @@ reconciler decides: a recorded Job is never created again).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import time
 
@@ -25,6 +27,24 @@ from .status import TERMINAL, Facts
 log = logging.getLogger("tinv.operator")
 
 PHASES = ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system. A burst (thousands of resources created at
+    once) decodes and drops many large objects; glibc keeps the freed pages resident until told,
+    which the operator's memory limit counts (bench/README.md, 2026-12-03)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class Polling:
@@ -121,4 +141,5 @@ class Polling:
                     self.sweep()
                 except Exception:  # noqa: BLE001 - keep polling
                     log.exception("storage poll round failed")
+                await asyncio.to_thread(trim_heap)
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - t0)))

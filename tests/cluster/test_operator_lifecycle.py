@@ -98,6 +98,27 @@ def test_spec_changes_after_start(env: OpEnv):
                     60, "Running the replaced Job with the change accepted")
 
 
+def test_the_resource_itself_is_never_patched_and_a_change_made_while_down_is_applied(env: OpEnv):
+    """kopf's diff-base lives in the operator's memory (handlers.DiffBaseMemory): the operator writes
+    the status subresource only -- no annotation, so no PATCH and no watch event more per resource --
+    and after a restart, with that memory empty, a spec change made while it was down still reaches
+    the Job (kopf calls it a create; tinv's reconcile compares the resource with its Job)."""
+    env.create(tijob("quiet"))
+    obj = _running(env, "quiet")
+    assert not [k for k in obj["metadata"].get("annotations") or {} if k.startswith("tinv.io/")], obj["metadata"]["annotations"]
+    fields = env.cp.get_json("tijob", "quiet", "-n", env.ns, "--show-managed-fields")["metadata"]["managedFields"]
+    writers = {m["manager"] for m in fields if m.get("subresource") != "status"}
+    assert len(writers) == 1, f"only the creator writes the resource itself: {writers}"
+    env.op.stop()
+    try:
+        env.patch("tijob", "quiet", {"spec": {"runPolicy": {"activeDeadlineSeconds": 5400}}})
+    finally:
+        env.op.start()
+    env.wait(lambda: env.get("job", "quiet-train")["spec"].get("activeDeadlineSeconds") == 5400, 60, "deadline applied after the restart")
+    env.patch("tijob", "quiet", {"spec": {"runPolicy": {"activeDeadlineSeconds": 7200}}})  # an update, seen live
+    env.wait(lambda: env.get("job", "quiet-train")["spec"].get("activeDeadlineSeconds") == 7200, 30, "deadline applied while up")
+
+
 def test_deletion_removes_children_and_keeps_outputs(env: OpEnv):
     env.create(tijob("gone"))
     obj = _running(env, "gone")
