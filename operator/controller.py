@@ -2,17 +2,20 @@
 
 Split by concern, each in its own module:
 
-* `registry.Registry` — the registry of facts: kopf's indexes (resources, Jobs, pods), what the
+* `registry.Registry` — the registry of facts: what the watches show (resources, Jobs, pods), what the
   operator decided per resource (`status.Facts`), what storage said, what was last written;
 * `reconciler.Reconciler` — reconciling children: ConfigMap / Service / Job, created exactly once
   per record, replaced only once their pods are gone; grids' references; deletion clean-up;
 * `statuswriter.StatusWriter` — writing status (the pure `status.compute_status()`) and Events;
 * `polling.Polling` — polling storage and the periodic sweep.
 
-Concurrency model (no thread per resource): kopf watches the resources, their Jobs and pods
-(server-side label selector) and keeps them in its indexes; index callbacks only mark the owning
-resource dirty. Reconcile runs in kopf's handler pool; one status task and one poll task run on
-kopf's event loop, each with a bounded thread pool.
+* `watch.Watches` — the operator's own watches of its Jobs and pods (server-side label selector),
+  kept as small views.
+
+Concurrency model (no thread per resource): kopf watches the resources and keeps them in its
+indexes; the children's watches run on one thread per namespace and kind; their callbacks only
+mark the owning resource dirty. Reconcile runs in kopf's handler pool; one status task and one
+poll task run on kopf's event loop, each with a bounded thread pool.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .reconciler import GaveUp, Invalid, Reconciler, Retry
 from .registry import IDX_JOBS, IDX_PODS, IDX_RESOURCES, IDX_WORKLOADS, Key, Registry, slim
 from .status import Facts
 from .statuswriter import StatusWriter, now_rfc3339
+from .watch import Watches
 
 __all__ = ["Controller", "GaveUp", "IDX_JOBS", "IDX_PODS", "IDX_RESOURCES", "IDX_WORKLOADS", "Invalid", "Key", "Retry",
            "now_rfc3339", "slim"]
@@ -45,6 +49,7 @@ class Controller:
         self.polling = Polling(config, metrics, self.registry, self.reader, self.reconciler)
         self._config = config
         self._tasks: list[asyncio.Task] = []
+        self.watches: Watches | None = None
 
     # ------------------------------------------------------------------ configuration and state
     @property
@@ -99,6 +104,15 @@ class Controller:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, indices: dict[str, Any]) -> None:
+        """Start the status writer, the poller and (with a client) the Job and pod watches. Returns
+        once the watches have listed what exists: a reconcile must never miss an existing Job."""
+        if self.kube is not None:
+            self.watches = Watches(self.kube, None if self._config.cluster_wide else self._config.namespaces,
+                                   on_job=self.on_job_event, on_pod=self.on_pod_event)
+            indices = {**indices, IDX_JOBS: self.watches.jobs, IDX_PODS: self.watches.pods}
+            self.watches.start()
+            if not await asyncio.to_thread(self.watches.wait_synced, 120.0):
+                raise RuntimeError("the Job and pod watches did not finish their first LIST within 120 s")
         self.registry.indices = indices
         loop = asyncio.get_running_loop()
         self.status.bind(loop)
@@ -109,6 +123,8 @@ class Controller:
         ]
 
     async def stop(self) -> None:
+        if self.watches is not None:
+            await asyncio.to_thread(self.watches.stop)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -119,7 +135,7 @@ class Controller:
         self.status.shutdown()
         self.reader.close()
 
-    # ------------------------------------------------------------------ what kopf tells
+    # ------------------------------------------------------------------ what the watches tell
     def on_resource(self, kind: str, ns: str, name: str) -> None:
         key = (kind, ns, name)
         if key in self.registry.facts:
@@ -134,6 +150,16 @@ class Controller:
         key = self.registry.owner_of(ns, job_name)
         if key is not None:
             self.registry.mark(key)
+
+    def on_job_event(self, type_: str, ns: str, job_name: str, view: dict[str, Any]) -> None:
+        if type_ == "DELETED":
+            self.registry.saw_job(ns, job_name, view or None)  # a finished Job's last view keeps its outcome
+            self.on_job_deleted(ns, job_name)
+        else:
+            self.on_child(ns, job_name, view)
+
+    def on_pod_event(self, type_: str, ns: str, job_name: str, view: dict[str, Any]) -> None:
+        self.on_child(ns, job_name)
 
     def on_workload(self, ns: str, job_name: str, workload: dict[str, Any]) -> None:
         """A Kueue Workload of a queued Job changed (operator/kueue.py): refresh the status, and finish

@@ -3,17 +3,17 @@
 Registered on an explicit registry (`register()`), so an operator can be built more than once in a
 process (tests) and nothing happens at import time.
 
-* indexes: the resources, their Jobs and their pods (Jobs and pods filtered server-side by the
-  label app.kubernetes.io/managed-by=tinv-operator); their callbacks only mark a resource dirty;
+* indexes: the resources and Kueue's Workloads; their callbacks only mark a resource dirty (the
+  Jobs and pods are watched by the controller itself, operator/watch.py: kopf's per-object
+  machinery for 10,000 children fed only two small views);
 * create / update / resume: `Controller.reconcile()`; invalid specs raise kopf.PermanentError
   (a condition, no retry loop), transient API errors kopf.TemporaryError with back-off;
 * delete: only for resources with spec.storage.cleanupOnDelete (only those get the finalizer):
   delete the Job, wait for its pods (kopf.TemporaryError, never a sleep), then delete the outputs;
   bounded in time and attempts, then the outputs are kept and a Warning says so (on the operator's
   pod when the resource's namespace is terminating and takes no new Event);
-* Job DELETED events re-check the owner at once (a recorded Job is never created again);
-* startup: kopf settings (watch timeouts, annotation-based progress, the diff-base in memory,
-  selectors) and the controller's status and poll tasks; cleanup: stop them.
+* startup: kopf settings (watch timeouts, annotation-based progress, the diff-base in memory) and
+  the controller's watches, status and poll tasks; cleanup: stop them.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from tinv.api.models import Reason as R
 from . import builders as B
 from . import kueue as K
 from .config import OperatorConfig
-from .controller import IDX_JOBS, IDX_PODS, IDX_RESOURCES, IDX_WORKLOADS, Controller, GaveUp, Invalid, Retry, slim
-from .registry import compact
+from .controller import IDX_RESOURCES, IDX_WORKLOADS, Controller, GaveUp, Invalid, Retry, slim
 from .kube import ApiError
-from .status import job_view, pod_view, short
+from .registry import compact
+from .status import short
 
 log = logging.getLogger("tinv.operator")
-SELECTOR = {B.LABEL_MANAGED_BY: B.MANAGED_BY}
 FINALIZER = "tinv.io/cleanup-outputs"
 
 
@@ -118,9 +117,6 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig, 
     settings.execution.max_workers = config.api_workers
     settings.scanning.disabled = not config.cluster_scan
     settings.peering.standalone = True
-    selector = f"{B.LABEL_MANAGED_BY}={B.MANAGED_BY}"
-    settings.watching.label_selectors["batch", "v1", "jobs"] = selector
-    settings.watching.label_selectors["v1", "pods"] = selector
 
 
 def _plain(body: Any) -> dict[str, Any]:
@@ -141,7 +137,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     @on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         configure_settings(settings, config, diffbase)
-        indices = {k: kwargs[k] for k in (IDX_JOBS, IDX_PODS, IDX_WORKLOADS, *IDX_RESOURCES.values()) if k in kwargs}
+        indices = {k: kwargs[k] for k in (IDX_WORKLOADS, *IDX_RESOURCES.values()) if k in kwargs}
         await controller.start(indices)
         log.info("tinv operator watching namespaces %s", ", ".join(config.namespaces))
 
@@ -149,21 +145,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
     async def cleanup(**_: Any) -> None:
         await controller.stop()
 
-    # ---------------------------------------------------------------- indexes (the watch cache)
-    @kopf.index("batch", "v1", "jobs", labels=SELECTOR, id=IDX_JOBS, registry=registry)
-    async def tinv_jobs(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        view = compact(job_view(body))
-        controller.on_child(namespace, name, view)
-        return {(namespace, name): view}
-
-    @kopf.index("v1", "pods", labels=SELECTOR, id=IDX_PODS, registry=registry)
-    async def tinv_pods(namespace: str, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any] | None:
-        job = labels.get(B.JOB_NAME_LABEL) or labels.get("job-name")
-        if not job:
-            return None
-        controller.on_child(namespace, job)
-        return {(namespace, job): compact(pod_view(body))}
-
+    # ---------------------------------------------------------------- indexes (kopf's watch cache)
     # Kueue hook: the Workloads of queued Jobs (operator/kueue.py); not served where Kueue's CRDs are absent
     @kopf.index(K.GROUP, K.VERSION, K.WORKLOADS, id=IDX_WORKLOADS, registry=registry)
     async def kueue_workloads(namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
@@ -173,17 +155,6 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, config: Op
         view = K.workload_view(body)
         controller.on_workload(namespace, job, view)
         return {(namespace, job): view}
-
-    @on.event("batch", "v1", "jobs", labels=SELECTOR, registry=registry)
-    async def job_deleted(type: str, name: str, namespace: str, **_: Any) -> None:
-        if type == "DELETED":
-            controller.on_job_deleted(namespace, name)
-
-    @on.event("v1", "pods", labels=SELECTOR, registry=registry)
-    async def pod_deleted(type: str, namespace: str, labels: kopf.Labels, **_: Any) -> None:
-        job = labels.get(B.JOB_NAME_LABEL) or labels.get("job-name")
-        if type == "DELETED" and job:
-            controller.on_child(namespace, job)
 
     for kind, plural in PLURALS.items():
         _register_kind(registry, controller, config, metrics, kind, plural, diffbase)

@@ -1,4 +1,5 @@
-"""A small, thread-safe Kubernetes REST client for the operator's writes (kopf does the watching).
+"""A small, thread-safe Kubernetes REST client for the operator's writes and its watches of Jobs and pods
+(kopf watches the resources).
 
 Raw JSON in and out (no model deserialisation: it is slow at 1,000 resources), one connection
 pool shared by the operator's worker threads, a client-side request counter for metrics and
@@ -130,6 +131,22 @@ class Kube:
         accept: str = "application/json",
         query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
+        resp = self._call(method, path, body, content_type=content_type, accept=accept, query=query, timeout=self.timeout)
+        data = resp.data if hasattr(resp, "data") else resp.read()
+        if not data:
+            return {}
+        try:
+            return json.loads(data)
+        except ValueError:
+            return {}
+
+    def stream(self, path: str, *, query: list[tuple[str, str]] | None = None, read_timeout: float = 60.0) -> Any:
+        """A GET whose body is read as it arrives (a watch): the raw response, iterated line by line
+        and closed by the caller. `read_timeout`: the most seconds between two chunks."""
+        return self._call("GET", path, None, query=query, timeout=(10.0, read_timeout))
+
+    def _call(self, method: str, path: str, body: Any, *, content_type: str = "application/json", accept: str = "application/json",
+              query: list[tuple[str, str]] | None = None, timeout: Any = None) -> Any:
         from kubernetes.client.exceptions import ApiException
 
         headers = {"Accept": accept}
@@ -145,7 +162,7 @@ class Kube:
                 auth_settings=["BearerToken"],
                 _preload_content=False,
                 _return_http_data_only=True,
-                _request_timeout=self.timeout,
+                _request_timeout=timeout,
             )
         except ApiException as exc:
             err = _api_error(exc)
@@ -159,15 +176,8 @@ class Kube:
                 self._count(method, path, 0)
                 raise ApiError(0, "NetworkError", str(exc)) from None
             raise
-        status = getattr(resp, "status", 200)
-        self._count(method, path, status)
-        data = resp.data if hasattr(resp, "data") else resp.read()
-        if not data:
-            return {}
-        try:
-            return json.loads(data)
-        except ValueError:
-            return {}
+        self._count(method, path, getattr(resp, "status", 200))
+        return resp
 
     # ------------------------------------------------------------------ verbs
     def get(self, path: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import time
 
@@ -31,7 +30,7 @@ PHASES = ("Pending", "Waiting", "Running", "Suspended", "Succeeded", "Failed")
 
 def _malloc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim  # the C library already loaded: no library search at start-up
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 

@@ -18,7 +18,6 @@ status pool (`schedule`). The rules that keep GPU work from being lost or run tw
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 from concurrent.futures import Executor
@@ -201,8 +200,7 @@ class Reconciler:
             self.reg.set_facts(key, facts)
             raise Retry(hold[1], hold[2])
         generation = eff.model.metadata.generation or 0
-        with self.reg.lock:
-            self.reg.creating += 1
+        self.reg.begin_creating()
         try:
             # the record goes first: if the operator dies after creating the Job, the next one knows
             self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None})
@@ -210,8 +208,7 @@ class Reconciler:
             self.reg.set_facts(key, facts)  # status shows "creating" at once
             created = self._create_children(kind, eff, resolved, uid)
         finally:
-            with self.reg.lock:
-                self.reg.creating -= 1
+            self.reg.end_creating()
         self.reg.replaced.pop((ns, facts.job_name), None)
         facts.record = {"jobGeneration": generation, "jobUid": created.get("uid")}
         self.reg.set_facts(key, facts)
@@ -481,7 +478,7 @@ class Reconciler:
             if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                 return
             try:
-                self.reconcile(key[0], copy.deepcopy(body))
+                self.reconcile(key[0], body)  # Registry.resource decoded a fresh copy
                 self.metrics.reconciles.labels(key[0], "ok").inc()
             except Retry as err:
                 log.info("%s %s/%s: %s (retried at the next sweep)", key[0], key[1], key[2], err)

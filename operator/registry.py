@@ -1,16 +1,19 @@
 """The registry of facts: everything the operator knows about its resources, in one place.
 
-kopf's indexes hold what the cluster shows (resources, their Jobs and pods); the registry adds what
-the operator decided (`Facts`, per resource), what storage said (`StorageView`), what it wrote last
-(newer than the watch may show yet), the Jobs it created before the watch shows them, and the last
-view of each finished Job (so a Job removed by `ttlSecondsAfterFinished: 0` still tells its
-outcome). Thread-safe: reconcile, status and polling threads all read and write it.
+kopf's indexes (the resources) and the operator's own watches (watch.py: their Jobs and pods) hold
+what the cluster shows; the registry adds what the operator decided (`Facts`, per resource), what
+storage said (`StorageView`), what it wrote last (newer than the watch may show yet), the Jobs it
+created before the watch shows them, and the last view of each finished Job (so a Job removed by
+`ttlSecondsAfterFinished: 0` still tells its outcome). Thread-safe: reconcile, status, polling and
+watch threads all read and write it.
 
 Marking a resource *dirty* asks the status writer to recompute its status soon (`on_mark`).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import sys
 import threading
@@ -23,7 +26,7 @@ from .status import Facts, StorageView
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 
-#: kopf index ids (handler ids) the registry reads.
+#: index ids the registry reads: kopf's (handler ids) for the resources and Workloads, watch.Children for Jobs and pods.
 IDX_RESOURCES = {"TextualInversionJob": "tinv_tijobs", "GenerationGrid": "tinv_grids"}
 IDX_JOBS = "tinv_jobs"
 IDX_PODS = "tinv_pods"
@@ -85,7 +88,7 @@ def live(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _one(index: Any, key: Any) -> Any:
-    """The single value of a kopf index key, or None (safe to call from a worker thread)."""
+    """The single value of an index key, or None (safe to call from a worker thread)."""
     if index is None:
         return None
     for _ in range(3):
@@ -124,8 +127,16 @@ class Registry:
         self.final_sweeps: dict[Key, int] = {}
         self.missing_since: dict[Key, float] = {}
         self.dirty: set[Key] = set()
+        # the dirty resources by their last write, for the status writer (`take_due`): a heap, so
+        # that a round takes the oldest few in O(log n) instead of scanning every dirty resource --
+        # that scan, once per watch event, was a third of the operator's CPU with 5,000 resources
+        self._due: list[tuple[float, int, Key]] = []
+        self._filed: set[Key] = set()  # keys with an entry in _due
+        self._seq = itertools.count()
         self.inflight: set[Key] = set()
-        self.creating = 0  # reconciles creating children right now (status writes give way to them)
+        self.creating = 0  # reconciles creating children right now (status writes and Events give way to them)
+        self.no_creations = threading.Event()  # set while `creating` is 0
+        self.no_creations.set()
         self.ready = False
         self.lock = threading.RLock()
         self.on_mark: Callable[[], None] | None = None
@@ -172,12 +183,43 @@ class Registry:
         return body.get("status") or {}
 
     # ------------------------------------------------------------------ what the operator decided
-    def mark(self, key: Key) -> None:
+    def mark(self, key: Key, wake: bool = True) -> None:
         """Recompute this resource's status soon (thread-safe)."""
         with self.lock:
             self.dirty.add(key)
-        if self.on_mark is not None:
+            if key not in self._filed:
+                heapq.heappush(self._due, (self.last_write.get(key, 0.0), next(self._seq), key))
+                self._filed.add(key)
+        if wake and self.on_mark is not None:
             self.on_mark()
+
+    def take_due(self, soon: float, limit: int) -> tuple[list[Key], bool]:
+        """Up to `limit` dirty resources not being written and last written no later than `soon`,
+        the oldest write first, and whether more are due. Entries of resources no longer dirty, or
+        being written (their write's end files them again), are dropped on the way; an entry whose
+        resource was written since it was filed goes back under its new time."""
+        out: list[Key] = []
+        taken: set[Key] = set()
+        with self.lock:
+            due = self._due
+            while due and len(out) < limit:
+                when, _, key = due[0]
+                if key not in self.dirty or key in self.inflight or key in taken:
+                    heapq.heappop(due)
+                    self._filed.discard(key)
+                    continue
+                last = self.last_write.get(key, 0.0)
+                if last != when:
+                    heapq.heapreplace(due, (last, next(self._seq), key))
+                    continue
+                if when > soon:
+                    break
+                heapq.heappop(due)
+                self._filed.discard(key)
+                taken.add(key)
+                out.append(key)
+            more = bool(due) and due[0][0] <= soon
+        return out, more
 
     def set_facts(self, key: Key, facts: Facts) -> None:
         with self.lock:
@@ -189,6 +231,18 @@ class Registry:
             self.job_owner[(key[1], facts.job_name)] = key
             self.missing_since.pop(key, None)
         self.mark(key)
+
+    def begin_creating(self) -> None:
+        with self.lock:
+            self.creating += 1
+            self.no_creations.clear()
+
+    def end_creating(self) -> None:
+        with self.lock:
+            self.creating -= 1
+            if self.creating <= 0:
+                self.creating = 0
+                self.no_creations.set()
 
     def owner_of(self, ns: str, job_name: str) -> Key | None:
         return self.job_owner.get((ns, job_name))
@@ -231,5 +285,6 @@ class Registry:
             self.final_sweeps.pop(key, None)
             self.missing_since.pop(key, None)
             self.dirty.discard(key)
+            self._filed.discard(key)  # its entry in _due is dropped when reached
             for waiting in self.waiting.values():
                 waiting.discard(key)

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,25 @@ def test_status_write_posts_events_and_counts_checkpoints(env, tmp_path):
     # the watch has not caught up: the next compute starts from what was written, no duplicate write
     _, old2, new2 = ctl.compute(key)
     assert old2["phase"] == "Pending"
+
+
+def test_events_wait_while_jobs_are_being_created(env):
+    """Creating Jobs comes first: a status write's Events are posted once no creation is in flight."""
+    ctl, kube, idx, put, sync = env
+    body = tijob()
+    ctl.reconcile(B.TIJOB, put(B.TIJOB, body))
+    sync()
+    key = (B.TIJOB, NS, "demo")
+    ctl.registry.begin_creating()  # another resource's children are being created
+    _, old, new = ctl.compute(key)
+    ctl.write_status(key, body, old, new)
+    time.sleep(0.3)
+    events = lambda: [v for k, v in kube.objects.items() if "/events/" in k]  # noqa: E731
+    assert kube.objects[f"/apis/tinv.io/v1alpha1/namespaces/{NS}/textualinversionjobs/demo"]["status"]["phase"] == "Pending"
+    assert events() == []  # the status is written, its Event waits
+    ctl.registry.end_creating()
+    ctl.event_pool.shutdown(wait=True)
+    assert [e["reason"] for e in events()]
 
 
 def test_poll_reads_storage_and_marks_changes(env, tmp_path):
