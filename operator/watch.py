@@ -167,18 +167,10 @@ class ChildWatch:
                     self.synced.set()
                 self._watch()
                 delay = 0.0
-            except Gone:
-                self.resource_version = ""  # list again at once
-            except ApiError as err:
-                if err.status == 410:
-                    self.resource_version = ""
-                    continue
-                if self._stop.is_set():
-                    break
-                delay = min(30.0, max(0.5, delay * 2))
-                log.warning("watch of %s in %s failed (%s); again in %.1f s", self.kind.plural, self.namespace or "every namespace", err, delay)
-                self._stop.wait(delay)
             except Exception as err:  # noqa: BLE001 - a broken stream, the apiserver restarting ...
+                if isinstance(err, Gone) or getattr(err, "status", None) == 410:
+                    self.resource_version = ""  # the version is too old: list again at once
+                    continue
                 if self._stop.is_set():
                     break
                 delay = min(30.0, max(0.5, delay * 2))
