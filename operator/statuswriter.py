@@ -17,8 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tinv.api.models import API_VERSION
-
 from .builders import MANAGED_BY
 from .config import OperatorConfig
 from .events import EventRecorder
