@@ -369,7 +369,10 @@ class Workload(Model):
     model_config = ConfigDict(extra="ignore")
 
     job_name: str | None = Field(default=None, description="Name of the child batch/v1 Job.")
-    config_map_name: str | None = Field(default=None, description="Name of the ConfigMap holding the resource document.")
+    config_map_name: str | None = Field(
+        default=None,
+        description="Name of the ConfigMap holding the resource document; set only for a document too large for a pod annotation (it travels in the pod template otherwise).",
+    )
     service_name: str | None = Field(default=None, description="Name of the headless Service for multi-worker rendezvous.")
     # The record that makes a finished Job never run twice: written before the Job is created
     # (jobGeneration) and once it exists (jobUid); a Job that disappears while recorded here is
@@ -420,7 +423,7 @@ class BaseStatus(Model):
     start_time: str | None = Field(default=None, description="When the workload first ran (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the workload finished (RFC 3339).")
     progress: Progress | None = Field(default=None, description="Progress read from progress.json.")
-    workload: Workload | None = Field(default=None, description="The child Job, ConfigMap and Service.")
+    workload: Workload | None = Field(default=None, description="The child Job, and the Service and ConfigMap where there are any.")
     workers: WorkerCounts | None = Field(default=None, description="Worker pods of the child Job: active, ready, succeeded, failed, terminating.")
     output_uri: str | None = Field(default=None, description="Root of this resource's outputs in storage.")
     message: str | None = Field(default=None, max_length=32768, description="Last workload summary (termination message).")
@@ -910,5 +913,6 @@ class Annotation:
 
     SPEC_HASH = "tinv.io/spec-hash"  # on the Job: hash of the spec it was built from
     RESOURCE_GENERATION = "tinv.io/resource-generation"  # on the Job: the resource generation it was built from
+    RESOURCE_DOCUMENT = "tinv.io/resource"  # on the pod template: the resource document, mounted by the downward API
     KOPF_PREFIX = "tinv.io"  # on the resource: kopf's progress annotations are "<prefix>/<handler id>"
     DIFF_BASE = "tinv.io/last-handled-configuration"  # on resources of earlier versions: kopf's diff-base (now in memory)

@@ -4,7 +4,7 @@
     python bench/operator.py --n 100 --n 1000            # one control plane per N
     python bench/operator.py --n 1000 --pods suspended   # Jobs created suspended: no pods at all
     python bench/operator.py --n 100 --record            # also append the rows to bench/results/operator.jsonl
-    python bench/operator.py --n 1000 --mode floor       # no operator: the script creates the ConfigMaps and Jobs
+    python bench/operator.py --n 1000 --mode floor       # no operator: the script creates the Jobs
     python bench/operator.py --n 1000 --profile-apiserver /tmp/api.pprof   # where the API server's CPU goes
 
 For each N: start the harness (etcd, kube-apiserver, controller-manager, scheduler, KWOK GPU nodes),
@@ -33,7 +33,7 @@ script itself, over the run and until every Job existed, and every client's requ
 (`requests_until_jobs`, from apiserver_request_total).
 
 `--mode floor` is the yardstick for the Job-creation figure: no operator runs, and the script
-creates each resource's ConfigMap and Job itself (built by the operator's own builders) right after
+creates each resource's Job itself (built by the operator's own builders) right after
 the resource, as fast as it can; the time until every Job exists is the least this machine's control
 plane needs for the same objects, pods included.
 """
@@ -270,7 +270,7 @@ def create_all(kubeconfig: str, ns: str, bodies: list[dict], concurrency: int = 
 
 
 def operator_children(operator_args: list[str]):
-    """`children` for create_all: the ConfigMap and Job the operator's own builders make for a
+    """`children` for create_all: the objects (a Job) the operator's own builders make for a
     created resource, with the operator's configuration (its command-line flags)."""
     from tinv.api.models import RESOURCES
     from tinv.operator import builders as B
@@ -418,7 +418,7 @@ def run_one(n: int, args) -> list[dict]:
                 start_operator()
             pprof = profile_apiserver(cp, args.profile_seconds, args.profile_apiserver) if args.profile_apiserver else None
             t0 = time.monotonic()
-            # floor: the script creates each resource's ConfigMap and Job itself, no operator
+            # floor: the script creates each resource's children (its Job) itself, no operator
             children = operator_children(op.args[4:]) if args.mode == "floor" else None
             created = create_all(cp.kubeconfig, ns, bodies, children=children)
             create_s = time.monotonic() - t0
@@ -547,7 +547,7 @@ def main() -> int:
                    help="run: Jobs start pods (KWOK runs what fits on 32 fake GPUs, the rest stay Pending/Unschedulable); suspended: no pods")
     p.add_argument("--mode", choices=("live", "backlog", "floor"), default="live",
                    help="live: the operator runs while the resources are created; backlog: they exist before it starts (a restart at scale); "
-                   "floor: no operator, the script creates each resource's ConfigMap and Job itself (the operator's builders) right "
+                   "floor: no operator, the script creates each resource's Job itself (the operator's builders) right "
                    "after the resource, as fast as it can: what this machine's control plane allows at best")
     p.add_argument("--poll-interval", type=float, default=15.0, help="the operator's storage poll interval (its default: 15 s)")
     p.add_argument("--api-workers", type=int, default=16, help="the operator's API thread pool")

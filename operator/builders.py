@@ -1,6 +1,12 @@
-"""Pure builders of the child objects: the resource document, its ConfigMap, the headless Service
-and the batch/v1 Job (with the whole pod spec). No I/O, no clock, no kopf: same input, same output,
-so they are unit-tested directly and creation can be retried safely.
+"""Pure builders of the child objects: the resource document, the headless Service and the
+batch/v1 Job (with the whole pod spec). No I/O, no clock, no kopf: same input, same output, so they
+are unit-tested directly and creation can be retried safely.
+
+The resource document travels inside the Job: a pod-template annotation that a downward-API volume
+mounts at DOC_PATH, so a resource costs the apiserver one object, not two (a Job's pod template
+never changes, and a new generation gets a new Job, so the copy is never stale). Only a document
+too large for an annotation (a grid of thousands of prompts) gets a ConfigMap of its own, mounted
+at the same path.
 
 Names are deterministic (`<name>-train`, `<name>-grid`, shortened with a hash when the resource
 name is long), every child carries an ownerReference to its resource (controller, blocking
@@ -42,12 +48,19 @@ LABEL_OWNER_UID = "tinv.io/owner-uid"
 LABEL_QUEUE = K.QUEUE_LABEL
 ANNOTATION_SPEC_HASH = Annotation.SPEC_HASH
 ANNOTATION_GENERATION = Annotation.RESOURCE_GENERATION
+ANNOTATION_DOCUMENT = Annotation.RESOURCE_DOCUMENT
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 DOC_DIR = "/etc/tinv"
 DOC_KEY = "resource.yaml"
 DOC_PATH = f"{DOC_DIR}/{DOC_KEY}"
+#: The apiserver refuses an object whose annotations (keys and values) exceed 256 KiB in all. The
+#: document travels in the pod template while it is at most DOC_INLINE_LIMIT bytes and leaves
+#: ANNOTATION_HEADROOM for what the Job controller and admission add to each pod.
+ANNOTATIONS_LIMIT = 256 * 1024
+DOC_INLINE_LIMIT = 128 * 1024
+ANNOTATION_HEADROOM = 16 * 1024
 CACHE_DIR = "/cache"
 PVC_ROOT = "/mnt/pvc"
 TERMINATION_LOG = "/dev/termination-log"
@@ -91,7 +104,7 @@ def dns_label(name: str, limit: int = 63) -> str:
 
 
 def child_name(kind: str, name: str) -> str:
-    """The Job, ConfigMap and Service name of a resource: `<name>-train` / `<name>-grid`."""
+    """The Job (and Service, ConfigMap) name of a resource: `<name>-train` / `<name>-grid`."""
     suffix = SUFFIX[kind]
     return f"{dns_label(name, MAX_JOB_NAME - len(suffix) - 1)}-{suffix}"
 
@@ -228,9 +241,29 @@ def resource_document(kind: str, eff: Effective, resolved: list[dict[str, Any]] 
     return doc
 
 
-def build_config_map(kind: str, eff: Effective, resolved: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    text = yaml.safe_dump(resource_document(kind, eff, resolved), sort_keys=False, width=1000)
+def resource_text(kind: str, eff: Effective, resolved: list[dict[str, Any]] | None = None) -> str:
+    """The resource document as the file the pod reads (YAML)."""
+    return yaml.safe_dump(resource_document(kind, eff, resolved), sort_keys=False, width=1000)
+
+
+def fits_annotation(text: str, annotations: dict[str, str]) -> bool:
+    """Whether the document can travel as one more pod annotation beside `annotations`."""
+    size = len(text.encode())
+    used = sum(len(k) + len(v.encode()) for k, v in annotations.items())
+    return size <= DOC_INLINE_LIMIT and used + len(ANNOTATION_DOCUMENT) + size <= ANNOTATIONS_LIMIT - ANNOTATION_HEADROOM
+
+
+def build_config_map(kind: str, eff: Effective, text: str) -> dict[str, Any]:
+    """The ConfigMap of a document too large for a pod annotation (`text`: resource_text)."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(kind, eff.model), "data": {DOC_KEY: text}}
+
+
+def config_map_of(job: dict[str, Any]) -> str | None:
+    """The ConfigMap a built Job mounts the document from, or None (it carries the document)."""
+    for vol in job["spec"]["template"]["spec"]["volumes"]:
+        if vol["name"] == "resource":
+            return (vol.get("configMap") or {}).get("name")
+    return None
 
 
 def build_service(kind: str, eff: Effective, config: OperatorConfig) -> dict[str, Any]:
@@ -357,14 +390,21 @@ def _uris(kind: str, spec: Any) -> list[str | None]:
     return uris
 
 
-def _volumes(kind: str, eff: Effective, cm: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(kind: str, eff: Effective, cm: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and mounts; the document from the ConfigMap `cm`, or (None) from the pod's
+    own annotation."""
     spec = eff.model.spec
     r = spec.resources
     shm: dict[str, Any] = {"medium": "Memory"}
     if r.shared_memory:
         shm["sizeLimit"] = r.shared_memory
+    if cm is None:
+        field_path = f"metadata.annotations['{ANNOTATION_DOCUMENT}']"
+        document: dict[str, Any] = {"downwardAPI": {"items": [{"path": DOC_KEY, "fieldRef": {"fieldPath": field_path}}]}}
+    else:
+        document = {"configMap": {"name": cm, "items": [{"key": DOC_KEY, "path": DOC_KEY}]}}
     volumes: list[dict[str, Any]] = [
-        {"name": "resource", "configMap": {"name": cm, "items": [{"key": DOC_KEY, "path": DOC_KEY}]}},
+        {"name": "resource", **document},
         {"name": "dshm", "emptyDir": shm},
         {"name": "tmp", "emptyDir": {}},
     ]
@@ -417,14 +457,19 @@ def pod_annotations(model: Any, config: OperatorConfig, container: str) -> dict[
     return out
 
 
-def build_pod_template(kind: str, eff: Effective, config: OperatorConfig) -> dict[str, Any]:
+def build_pod_template(kind: str, eff: Effective, config: OperatorConfig, document: str) -> dict[str, Any]:
+    """The pod template; `document` (resource_text) rides along as an annotation where it fits."""
     model = eff.model
     m = model.metadata
     spec = model.spec
     r = spec.resources
     job = child_name(kind, m.name)
     container_name = COMPONENT[kind]
-    volumes, mounts = _volumes(kind, eff, job)
+    annotations = pod_annotations(model, config, container_name)
+    inline = fits_annotation(document, annotations)
+    if inline:
+        annotations[ANNOTATION_DOCUMENT] = document
+    volumes, mounts = _volumes(kind, eff, None if inline else job)
     uid = config.run_as_user
     container: dict[str, Any] = {
         "name": container_name,
@@ -484,7 +529,7 @@ def build_pod_template(kind: str, eff: Effective, config: OperatorConfig) -> dic
     if kind == TIJOB and r.workers > 1:
         pod["subdomain"] = job
     return {
-        "metadata": {"labels": labels(kind, m.name, m.uid or ""), "annotations": pod_annotations(model, config, container_name)},
+        "metadata": {"labels": labels(kind, m.name, m.uid or ""), "annotations": annotations},
         "spec": pod,
     }
 
@@ -495,14 +540,16 @@ def desired_suspend(model: Any) -> bool:
     return bool(model.spec.run_policy.suspend or model.spec.resources.queue_name)
 
 
-def build_job(kind: str, eff: Effective, config: OperatorConfig) -> dict[str, Any]:
+def build_job(kind: str, eff: Effective, config: OperatorConfig, resolved: list[dict[str, Any]] | None = None,
+              document: str | None = None) -> dict[str, Any]:
     """The batch/v1 Job of a resource. One worker: a plain Job; several workers (or any grid): an
-    Indexed Job whose completion index is the worker rank (job) or the shard (grid)."""
+    Indexed Job whose completion index is the worker rank (job) or the shard (grid). `document`:
+    resource_text(kind, eff, resolved), when the caller has it already."""
     model = eff.model
     spec = model.spec
     r = spec.resources
     rp = spec.run_policy
-    template = build_pod_template(kind, eff, config)
+    template = build_pod_template(kind, eff, config, resource_text(kind, eff, resolved) if document is None else document)
     indexed = kind == GRID or r.workers > 1
     annotations = {ANNOTATION_SPEC_HASH: eff.spec_hash, ANNOTATION_GENERATION: str(model.metadata.generation or 0)}
     meta = _meta(kind, model, annotations=annotations)
@@ -541,9 +588,12 @@ def job_run_policy_patch(kind: str, model: Any) -> dict[str, Any]:
 
 
 def children(kind: str, eff: Effective, config: OperatorConfig, resolved: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Every child object in creation order: ConfigMap, Service (several workers), Job."""
-    out = [build_config_map(kind, eff, resolved)]
+    """Every child object in creation order: the ConfigMap (only for a document too large for a pod
+    annotation), the Service (several workers), the Job."""
+    text = resource_text(kind, eff, resolved)
+    job = build_job(kind, eff, config, document=text)
+    out = [build_config_map(kind, eff, text)] if config_map_of(job) else []
     if needs_service(kind, eff.model):
         out.append(build_service(kind, eff, config))
-    out.append(build_job(kind, eff, config))
+    out.append(job)
     return out

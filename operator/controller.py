@@ -4,7 +4,7 @@ Split by concern, each in its own module:
 
 * `registry.Registry` — the registry of facts: what the watches show (resources, Jobs, pods), what the
   operator decided per resource (`status.Facts`), what storage said, what was last written;
-* `reconciler.Reconciler` — reconciling children: ConfigMap / Service / Job, created exactly once
+* `reconciler.Reconciler` — reconciling children: the Job (its pods carry the resource document), Service, created exactly once
   per record, replaced only once their pods are gone; grids' references; deletion clean-up;
 * `statuswriter.StatusWriter` — writing status (the pure `status.compute_status()`) and Events;
 * `polling.Polling` — polling storage and the periodic sweep.

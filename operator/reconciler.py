@@ -1,4 +1,4 @@
-"""Reconciling children: make a resource's ConfigMap, Service and Job match its spec, exactly once.
+"""Reconciling children: make a resource's Job (and Service, ConfigMap) match its spec, exactly once.
 
 Runs in kopf's handler thread pool (create / update / resume / delete) and, for re-checks, in the
 status pool (`schedule`). The rules that keep GPU work from being lost or run twice:
@@ -67,7 +67,10 @@ def record_of(status: dict[str, Any]) -> dict[str, Any] | None:
     workload = status.get("workload") or {}
     if workload.get("jobGeneration") is None and not workload.get("jobUid"):
         return None
-    return {"jobGeneration": workload.get("jobGeneration"), "jobUid": workload.get("jobUid")}
+    record = {"jobGeneration": workload.get("jobGeneration"), "jobUid": workload.get("jobUid")}
+    if workload.get("configMapName"):
+        record["configMapName"] = workload["configMapName"]
+    return record
 
 
 def finished(status: dict[str, Any]) -> bool:
@@ -176,7 +179,8 @@ class Reconciler:
             raise Retry(facts.hold[1], 2)
         if not facts.record or facts.record.get("jobUid") != job.get("uid"):
             # adopt: the Job exists (created before the record had its uid, or by an older operator)
-            facts.record = {"jobGeneration": _int((facts.record or {}).get("jobGeneration"), job.get("generation")), "jobUid": job.get("uid")}
+            kept = {k: v for k, v in (facts.record or {}).items() if k == "configMapName"}
+            facts.record = {"jobGeneration": _int((facts.record or {}).get("jobGeneration"), job.get("generation")), "jobUid": job.get("uid"), **kept}
         facts.notice = self._update_job(key, eff, job, status, facts)
         self.reg.set_facts(key, facts)
         return "ok"
@@ -200,17 +204,19 @@ class Reconciler:
             self.reg.set_facts(key, facts)
             raise Retry(hold[1], hold[2])
         generation = eff.model.metadata.generation or 0
+        objs = B.children(kind, eff, self.config, resolved)
+        cm = {"configMapName": facts.job_name} if objs[0]["kind"] == "ConfigMap" else {}
         self.reg.begin_creating()
         try:
             # the record goes first: if the operator dies after creating the Job, the next one knows
-            self.status.write_record(key, {"jobName": facts.job_name, "configMapName": facts.job_name, "jobGeneration": generation, "jobUid": None})
-            facts.record = {"jobGeneration": generation, "jobUid": None}
+            self.status.write_record(key, {"jobName": facts.job_name, "configMapName": None, **cm, "jobGeneration": generation, "jobUid": None})
+            facts.record = {"jobGeneration": generation, "jobUid": None, **cm}
             self.reg.set_facts(key, facts)  # status shows "creating" at once
-            created = self._create_children(kind, eff, resolved, uid)
+            created = self._create_children(ns, objs, uid)
         finally:
             self.reg.end_creating()
         self.reg.replaced.pop((ns, facts.job_name), None)
-        facts.record = {"jobGeneration": generation, "jobUid": created.get("uid")}
+        facts.record = {"jobGeneration": generation, "jobUid": created.get("uid"), **cm}
         self.reg.set_facts(key, facts)
 
     def _hold(self, eff: B.Effective, ns: str, job_name: str, uid: str | None) -> tuple[str, str, float] | None:
@@ -251,11 +257,12 @@ class Reconciler:
                 return None
             raise
 
-    def _create_children(self, kind: str, eff: B.Effective, resolved: list[dict[str, Any]] | None, uid: str | None) -> dict[str, Any]:
+    def _create_children(self, ns: str, objs: list[dict[str, Any]], uid: str | None) -> dict[str, Any]:
+        """Create the built children in order (one that exists already is reused when it is this
+        resource's); returns the Job's view."""
         assert self.kube is not None
-        ns = eff.model.metadata.namespace
         created: dict[str, Any] = {}
-        for obj in B.children(kind, eff, self.config, resolved):
+        for obj in objs:
             okind, oname = obj["kind"], obj["metadata"]["name"]
             try:
                 resp = self.kube.create(path_for(okind, ns), obj)
@@ -324,7 +331,7 @@ class Reconciler:
             # suspended and its pods gone: replace the Job; the new one resumes from the newest
             # checkpoint. The record is cleared first (this deletion is ours, not a lost Job) and
             # Foreground deletion keeps the Job visible until its pods are gone.
-            self.status.write_record(key, {"jobGeneration": None, "jobUid": None})
+            self.status.write_record(key, {"configMapName": None, "jobGeneration": None, "jobUid": None})
             facts.record = None
             self.reg.set_facts(key, facts)
             self.reg.replaced[(ns, job["name"])] = job.get("uid")  # never adopted again, even from a lagging watch

@@ -546,10 +546,10 @@ def _observe(kind: str, old: dict[str, Any], generation: int | None, spec: dict[
 
 
 def _workload(facts: Facts) -> dict[str, Any]:
-    workload: dict[str, Any] = {"jobName": facts.job_name, "configMapName": facts.job_name}
+    workload: dict[str, Any] = {"jobName": facts.job_name}
     if facts.service_name:
         workload["serviceName"] = facts.service_name
-    for key in ("jobGeneration", "jobUid"):
+    for key in ("configMapName", "jobGeneration", "jobUid"):
         if (facts.record or {}).get(key) is not None:
             workload[key] = facts.record[key]
     return workload

@@ -1,6 +1,7 @@
 """A GenerationGrid that references a TextualInversionJob waits for it (condition Waiting naming the
 job), then resolves `latest` to the job's final checkpoint uuid, records it in status and in the
-document its Indexed Job runs, and shards over its workers."""
+document its Indexed Job runs (in the pod template, or a ConfigMap when too large), and shards over
+its workers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from operator_helpers import OpEnv, close_env, condition, grid, make_env, tijob, write_checkpoint, write_progress
+from tinv.api.models import Annotation
 from tinv.api.models import ConditionType as C
 from tinv.api.models import Reason as R
 
@@ -51,9 +53,12 @@ def test_grid_waits_for_its_job_then_resolves_latest(env: OpEnv):
     assert gjob["spec"]["completionMode"] == "Indexed" and gjob["spec"]["completions"] == 2 and gjob["spec"]["parallelism"] == 2
     cmd = gjob["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd == ["tinv", "generate", "/etc/tinv/resource.yaml", "--shard", "$(JOB_COMPLETION_INDEX)/2"]
-    doc = yaml.safe_load(env.get("configmap", "gallery-grid")["data"]["resource.yaml"])
-    assert doc["status"]["resolvedEmbeddings"][0]["checkpoint"] == ck2["uuid"]
     pods = env.wait(lambda: (p := env.running_pods("gallery-grid")) and len(p) == 2 and p, 60, "2 shards running")
+    # each pod carries the document it runs (mounted from its own annotation by the downward API)
+    for p in pods:
+        doc = yaml.safe_load(p["metadata"]["annotations"][Annotation.RESOURCE_DOCUMENT])
+        assert doc["status"]["resolvedEmbeddings"][0]["checkpoint"] == ck2["uuid"]
+    assert env.cp.kubectl("get", "configmap", "gallery-grid", "-n", env.ns, check=False).returncode != 0
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     # progress of a grid is images done/total
     write_progress_grid(env.root(obj), 3, 8)
@@ -73,6 +78,23 @@ def test_grid_with_a_uri_embedding_runs_at_once(env: OpEnv):
     obj = env.wait_status("generationgrid", "direct", lambda s: s.get("phase") == "Running", 60)
     assert obj["status"]["resolvedEmbeddings"] == [{"uri": "file:///data/det-logo.safetensors"}]
     assert not condition(obj, C.WAITING)
+
+
+def test_a_grid_too_large_for_an_annotation_gets_its_document_in_a_config_map(env: OpEnv):
+    """~150 KB of prompts (the CRD allows 256 x 2,000 characters): past what a pod annotation
+    takes, so the document is a ConfigMap the real apiserver stores and the Job mounts."""
+    g = grid("wide", workers=1)
+    g["spec"]["embeddings"] = [{"uri": "file:///data/det-logo.safetensors"}]
+    g["spec"]["prompts"] = [f"a det-logo, take {i}: " + "detailed " * 166 for i in range(100)]
+    env.create(g)
+    obj = env.wait_status("generationgrid", "wide", lambda s: s.get("phase") == "Running", 60)
+    assert obj["status"]["workload"]["configMapName"] == "wide-grid"
+    doc = yaml.safe_load(env.get("configmap", "wide-grid")["data"]["resource.yaml"])
+    assert doc["spec"]["prompts"] == g["spec"]["prompts"] and doc["metadata"]["uid"] == obj["metadata"]["uid"]
+    pod = env.running_pods("wide-grid")[0]
+    assert Annotation.RESOURCE_DOCUMENT not in pod["metadata"]["annotations"]
+    vol = next(v for v in pod["spec"]["volumes"] if v["name"] == "resource")
+    assert vol["configMap"]["name"] == "wide-grid"
 
 
 def write_progress_grid(root, done: int, total: int) -> None:

@@ -26,6 +26,7 @@ from operator_helpers import (
     write_checkpoint,
     write_progress,
 )
+from tinv.api.models import Annotation
 from tinv.api.models import ConditionType as C
 from tinv.api.models import Reason as R
 from tinv.api.validation import validate_document
@@ -64,9 +65,12 @@ def test_job_gets_the_pod_spec_runs_and_reports_progress_and_checkpoints(env: Op
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]} and c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
-    # the ConfigMap holds the resource document the pod runs: valid, defaulted, with the uid
-    cm = env.get("configmap", "life-train")
-    doc = __import__("yaml").safe_load(cm["data"]["resource.yaml"])
+    # the pod template carries the resource document the pod runs: valid, defaulted, with the uid;
+    # a downward-API volume mounts it where the command reads it, and no ConfigMap is made
+    vol = next(v for v in pod["volumes"] if v["name"] == "resource")
+    assert vol["downwardAPI"]["items"] == [{"path": "resource.yaml", "fieldRef": {"apiVersion": "v1", "fieldPath": f"metadata.annotations['{Annotation.RESOURCE_DOCUMENT}']"}}]
+    assert env.cp.kubectl("get", "configmap", "life-train", "-n", env.ns, check=False).returncode != 0
+    doc = __import__("yaml").safe_load(spec["template"]["metadata"]["annotations"][Annotation.RESOURCE_DOCUMENT])
     assert doc["metadata"]["uid"] == uid and doc["spec"]["storage"]["uri"] == env.storage_uri
     assert validate_document(doc)[0] is not None
     # KWOK runs the pod on an A100 node in ORD1; the status says so
@@ -154,7 +158,7 @@ def test_missing_secret_and_image_pull_errors_are_conditions(env: OpEnv):
     assert "AWS_SECRET_ACCESS_KEY" in condition(obj, C.RUNNING)["message"]
 
 
-def test_secret_values_never_reach_configmaps_status_events_or_logs(env: OpEnv):
+def test_secret_values_never_reach_jobs_status_events_or_logs(env: OpEnv):
     value = "s3cr3t-VALUE-must-not-leak-42"
     env.cp.kubectl("create", "secret", "generic", "tinv-s3", "-n", env.ns,
                    f"--from-literal=AWS_ACCESS_KEY_ID=id-{value}", f"--from-literal=AWS_SECRET_ACCESS_KEY={value}")
@@ -166,7 +170,7 @@ def test_secret_values_never_reach_configmaps_status_events_or_logs(env: OpEnv):
     envs = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert envs["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "tinv-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     assert envs["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
-    everything = json.dumps([env.get("configmap", "secretive-train"), job, env.get("tijob", "secretive"), env.events("secretive")])
+    everything = json.dumps([job, env.running_pods("secretive-train"), env.get("tijob", "secretive"), env.events("secretive")])  # the document is in the Job
     assert value not in everything
     assert value not in env.op.logs(10_000)
 
@@ -212,7 +216,7 @@ def test_several_workers_get_an_indexed_job_and_a_headless_service(env: OpEnv):
     assert {p["spec"]["subdomain"] for p in pods} == {"multi-train"}
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     job_uid = job["metadata"]["uid"]
-    assert obj["status"]["workload"] == {"jobName": "multi-train", "configMapName": "multi-train", "serviceName": "multi-train",
+    assert obj["status"]["workload"] == {"jobName": "multi-train", "serviceName": "multi-train",
                                          "jobGeneration": 1, "jobUid": job_uid}
 
 

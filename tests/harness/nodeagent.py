@@ -4,10 +4,10 @@ KWOK pretends to be the kubelet for fake GPU nodes: it moves pods to Running but
 For end-to-end tests this agent does the kubelet's remaining job for one container: it builds
 the container's environment exactly as the pod spec says (plain values, `secretKeyRef` and
 `configMapKeyRef` read from the API like the kubelet would, `envFrom`, downward-API `fieldRef`
-such as the Job completion index), materialises its volumes (ConfigMaps, Secrets, emptyDirs,
-PVCs) in a scratch folder and maps their mount paths there, expands `$(VAR)` references, runs
-the command, and then finishes the pod through KWOK with the real exit code and the real
-termination message. A missing Secret or key fails the container the way the kubelet would
+such as the Job completion index), materialises its volumes (ConfigMaps, downward-API files such
+as the resource document, Secrets, emptyDirs, PVCs) in a scratch folder and maps their mount paths
+there, expands `$(VAR)` references, runs the command, and then finishes the pod through KWOK with
+the real exit code and the real termination message. A missing Secret or key fails the container the way the kubelet would
 (CreateContainerConfigError), so the operator's reaction to it is real too.
 """
 
@@ -139,6 +139,9 @@ class NodeAgent:
                 items = vol["configMap"].get("items") or [{"key": k, "path": k} for k in data]
                 for item in items:
                     (target / item["path"]).write_text(data[item["key"]])
+            elif "downwardAPI" in vol:  # fieldRef items, as env vars read them (the pod's labels, annotations)
+                for item in vol["downwardAPI"].get("items") or []:
+                    (target / item["path"]).write_text(self._field(pod, item["fieldRef"]["fieldPath"]))
             elif "secret" in vol:
                 data = self._secret(vol["secret"]["secretName"])
                 for key, value in data.items():

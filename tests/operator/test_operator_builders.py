@@ -1,4 +1,4 @@
-"""Pure builders: names, the resource document, ConfigMap, Service and the Job's pod spec."""
+"""Pure builders: names, the resource document (in the pod template, or a ConfigMap when too large), Service and the Job's pod spec."""
 
 from __future__ import annotations
 
@@ -130,11 +130,47 @@ def test_operator_defaults_fill_the_document_but_never_a_secret_value():
     # the document is a valid resource the trainer can load
     resource, problems = validate_document(doc)
     assert resource is not None, problems
-    cm = B.build_config_map(B.TIJOB, e)
-    text = cm["data"][B.DOC_KEY]
+    text = document_of(B.build_job(B.TIJOB, e, CFG))
     assert yaml.safe_load(text) == doc
     assert "secretAccessKey" not in text.replace("secretAccessKeyKey", "")
     assert "AWS_SECRET_ACCESS_KEY" in text  # only the key *name* of the reference
+
+
+def document_of(job: dict) -> str:
+    """The file a pod of `job` reads at DOC_PATH, resolved as the kubelet does (downward API)."""
+    template = job["spec"]["template"]
+    vol = next(v for v in template["spec"]["volumes"] if v["name"] == "resource")
+    (item,) = vol["downwardAPI"]["items"]
+    assert item["path"] == B.DOC_KEY
+    key = item["fieldRef"]["fieldPath"].removeprefix("metadata.annotations['").removesuffix("']")
+    assert {"name": "resource", "mountPath": B.DOC_DIR, "readOnly": True} in container(job)["volumeMounts"]
+    return template["metadata"]["annotations"][key]
+
+
+def test_the_document_travels_in_the_pod_template_with_no_config_map():
+    e = eff(grid_doc())
+    resolved = [{"job": "det-logo", "checkpoint": "6f1c4a52-0d3e-4d7c-9c1a-3b2f6a1e9d10", "uri": "s3://x/ck"}]
+    objs = B.children(B.GRID, e, CFG, resolved)
+    assert [o["kind"] for o in objs] == ["Job"] and B.config_map_of(objs[0]) is None
+    assert yaml.safe_load(document_of(objs[0])) == B.resource_document(B.GRID, e, resolved)
+    assert document_of(objs[0]) == B.resource_text(B.GRID, e, resolved)
+
+
+def test_a_document_too_large_for_an_annotation_gets_a_config_map():
+    # 100 prompts of 1,500 characters (the CRD allows 256 of 2,000): ~150 KB, over DOC_INLINE_LIMIT
+    big = eff(grid_doc(prompts=[f"a det-logo {i} " + "x" * 1500 for i in range(100)]))
+    cm, job = B.children(B.GRID, big, CFG)
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == job["metadata"]["name"] == B.config_map_of(job)
+    assert yaml.safe_load(cm["data"][B.DOC_KEY]) == B.resource_document(B.GRID, big)
+    assert B.ANNOTATION_DOCUMENT not in job["spec"]["template"]["metadata"]["annotations"]
+    vol = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "resource")
+    assert vol == {"name": "resource", "configMap": {"name": cm["metadata"]["name"], "items": [{"key": B.DOC_KEY, "path": B.DOC_KEY}]}}
+    assert cm["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    # a small document beside large copied annotations: the pod's annotations would pass 256 KiB
+    doc = job_doc()
+    doc["metadata"]["annotations"]["kwok.tinv.io/blob"] = "y" * (240 * 1024)
+    assert [o["kind"] for o in B.children(B.TIJOB, eff(doc), CFG)] == ["ConfigMap", "Job"]
+    assert [o["kind"] for o in B.children(B.TIJOB, eff(job_doc()), CFG)] == ["Job"]
 
 
 def test_spec_values_win_over_operator_defaults():
@@ -268,8 +304,8 @@ def test_single_worker_several_gpus_runs_the_launcher():
 def test_several_workers_are_an_indexed_job_with_a_headless_service():
     e = eff(job_doc(resources={"gpusPerWorker": 2, "workers": 3}))
     objs = B.children(B.TIJOB, e, CFG)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
-    svc, job = objs[1], objs[2]
+    assert [o["kind"] for o in objs] == ["Service", "Job"]
+    svc, job = objs
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"] == {B.LABEL_OWNER_UID: UID, B.LABEL_COMPONENT: "trainer"}
     assert svc["metadata"]["name"] == "det-logo-train"
@@ -320,7 +356,7 @@ def test_grid_is_an_indexed_job_sharded_by_completion_index():
     assert container(job)["command"] == ["tinv", "generate", "/etc/tinv/resource.yaml", "--shard", "$(JOB_COMPLETION_INDEX)/3"]
     assert container(job)["name"] == "generator"
     assert job["spec"]["backoffLimitPerIndex"] == 3 and "backoffLimit" not in job["spec"]
-    assert [o["kind"] for o in B.children(B.GRID, eff(grid_doc()), CFG)] == ["ConfigMap", "Job"]
+    assert [o["kind"] for o in B.children(B.GRID, eff(grid_doc()), CFG)] == ["Job"]
 
 
 def test_run_policy_and_exit_code_classification():

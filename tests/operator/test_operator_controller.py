@@ -146,12 +146,12 @@ def env(tmp_path):
     _close(ctl)
 
 
-def test_reconcile_creates_configmap_and_job_once(env):
+def test_reconcile_creates_the_job_once(env):
     ctl, kube, idx, put, sync = env
     body = tijob()
     put(B.TIJOB, body)
     assert ctl.reconcile(B.TIJOB, body) == "ok"
-    assert sorted(k.rsplit("/", 2)[-2] for k in kube.objects) == ["configmaps", "jobs", "textualinversionjobs"]
+    assert sorted(k.rsplit("/", 2)[-2] for k in kube.objects) == ["jobs", "textualinversionjobs"]  # the document rides in the Job
     job = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/demo-train"]
     assert job["metadata"]["ownerReferences"][0]["uid"] == UID
     # the status already knows the Job before the watch shows it
@@ -252,8 +252,31 @@ def test_api_errors_propagate_classified(env):
         ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob()))
     assert info.value.retryable
     kube.fail.clear()
-    assert ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob())) == "ok"  # the ConfigMap from the first try is reused
-    assert len(kube.of_kind("configmaps")) == 1
+    assert ctl.reconcile(B.TIJOB, put(B.TIJOB, tijob())) == "ok"
+    assert len(kube.of_kind("jobs")) == 1
+
+
+def test_a_large_grid_document_gets_a_config_map_that_a_retry_reuses(env):
+    """Past DOC_INLINE_LIMIT the document is a ConfigMap; a failed Job POST leaves it behind, and
+    the retry reuses it (refreshed if the document changed) and records its name in status."""
+    ctl, kube, idx, put, sync = env
+    job = tijob()
+    job["status"] = {"phase": "Succeeded", "latestCheckpoint": {"uuid": "c2", "step": 20, "uri": "file:///r/c2"}}
+    put(B.TIJOB, job)
+    grid = ggrid()
+    grid["spec"]["prompts"] = [f"a tok {i} " + "x" * 1500 for i in range(100)]
+    kube.fail[("POST", f"/apis/batch/v1/namespaces/{NS}/jobs")] = ApiError(503, "ServiceUnavailable", "etcd")
+    with pytest.raises(ApiError):
+        ctl.reconcile(B.GRID, put(B.GRID, grid))
+    kube.fail.clear()
+    kube.objects[f"/api/v1/namespaces/{NS}/configmaps/g-grid"]["data"]["resource.yaml"] = "stale"
+    assert ctl.reconcile(B.GRID, put(B.GRID, grid)) == "ok"
+    assert len(kube.of_kind("configmaps")) == len(kube.of_kind("jobs")) == 1
+    text = kube.objects[f"/api/v1/namespaces/{NS}/configmaps/g-grid"]["data"]["resource.yaml"]
+    assert "c2" in text and "x" * 1500 in text
+    assert B.config_map_of(kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/g-grid"]) == "g-grid"
+    _, _, new = ctl.compute((B.GRID, NS, "g"))
+    assert new["workload"]["configMapName"] == "g-grid"
 
 
 def test_grid_waits_for_the_job_then_resolves_latest(env):
@@ -276,8 +299,9 @@ def test_grid_waits_for_the_job_then_resolves_latest(env):
     assert ctl.reconcile(B.GRID, grid) == "ok"
     resolved = ctl.facts[(B.GRID, NS, "g")].resolved
     assert resolved == [{"job": "demo", "checkpoint": "c2", "uri": "file:///r/c2"}]
-    cm = kube.objects[f"/api/v1/namespaces/{NS}/configmaps/g-grid"]
-    assert "c2" in cm["data"]["resource.yaml"] and "resolvedEmbeddings" in cm["data"]["resource.yaml"]
+    template = kube.objects[f"/apis/batch/v1/namespaces/{NS}/jobs/g-grid"]["spec"]["template"]
+    text = template["metadata"]["annotations"][B.ANNOTATION_DOCUMENT]
+    assert "c2" in text and "resolvedEmbeddings" in text
     assert (NS, "demo") not in ctl.waiting or not ctl.waiting[(NS, "demo")]
 
 
@@ -412,7 +436,7 @@ def test_the_job_is_recorded_in_status_before_it_is_created(env):
     real_create = kube.create
     kube.create = lambda path, obj: (order.append((obj["kind"], copy.deepcopy(_status(kube).get("workload")))), real_create(path, obj))[1]
     ctl.reconcile(B.TIJOB, body)
-    assert order[-1] == ("Job", {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 1})
+    assert order == [("Job", {"jobName": "demo-train", "jobGeneration": 1})]
     assert ctl.facts[(B.TIJOB, NS, "demo")].record["jobUid"] == kube.objects[f"{JOBS}/demo-train"]["metadata"]["uid"]
 
 
@@ -449,7 +473,7 @@ def test_a_record_written_just_before_a_crash_creates_the_job_only_if_nothing_ra
     with pytest.raises(ApiError):
         ctl.reconcile(B.TIJOB, body)
     kube.fail.clear()
-    assert _status(kube)["workload"] == {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 1}
+    assert _status(kube)["workload"] == {"jobName": "demo-train", "jobGeneration": 1}
     fresh, stored = _reopen(ctl, kube, idx, body)
     assert fresh.reconcile(B.TIJOB, stored) == "ok"
     assert len(kube.of_kind("jobs")) == 1, "no progress.json: the Job never ran, so it is created now"

@@ -89,7 +89,7 @@ def test_no_job_yet_is_pending():
     assert st["phase"] == "Pending"
     assert cond(st, C.ACCEPTED)["status"] == "True" and cond(st, C.ACCEPTED)["reason"] == R.VALID
     assert cond(st, C.RUNNING)["reason"] == R.JOB_CREATED
-    assert st["workload"] == {"jobName": "demo-train", "configMapName": "demo-train"}
+    assert st["workload"] == {"jobName": "demo-train"}
     assert st["observedGeneration"] == 2 and cond(st, C.ACCEPTED)["observedGeneration"] == 2
     valid(st)
 
@@ -307,7 +307,7 @@ def test_events_per_transition_and_checkpoint():
 # --------------------------------------------------------------------------- issue 14: lost Jobs, holds, deletion, bounds
 
 RECORD = {"jobGeneration": 2, "jobUid": "job-uid-1"}
-RUNNING = {"phase": "Running", "conditions": [], "workload": {"jobName": "demo-train", "configMapName": "demo-train", **RECORD}}
+RUNNING = {"phase": "Running", "conditions": [], "workload": {"jobName": "demo-train", **RECORD}}
 
 
 def progress(state: str, **kw) -> S.StorageView:
@@ -316,7 +316,7 @@ def progress(state: str, **kw) -> S.StorageView:
 
 def test_the_job_record_is_written_and_kept():
     st = compute(f=facts(record=RECORD), j=job(), pods=[pod()])
-    assert st["workload"] == {"jobName": "demo-train", "configMapName": "demo-train", "jobGeneration": 2, "jobUid": "job-uid-1"}
+    assert st["workload"] == {"jobName": "demo-train", "jobGeneration": 2, "jobUid": "job-uid-1"}
     valid(st)
 
 
